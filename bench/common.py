@@ -1,0 +1,92 @@
+"""Shared measurement helpers for the benchmarks: peak memory on CPU and CUDA, median timing, and
+the summary lines for bench/RESULTS.md (printed by bench/conftest.py at the end of the session)."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+
+RESULT_LINES: list[str] = []
+
+
+def _rss_bytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure_peak_memory(fn: Callable[[], Any], *, cuda: bool) -> tuple[Any, int]:
+    """Run ``fn`` once; return its result and the peak memory it took beyond what was in use before.
+
+    CUDA: the caching allocator's peak allocated bytes. CPU: the process's peak resident set
+    (VmHWM), reset before the call through /proc/self/clear_refs, minus the resident set before it.
+    """
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        result = fn()
+        torch.cuda.synchronize()
+        return result, torch.cuda.max_memory_allocated() - before
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # resets VmHWM to the current resident set
+    before = _rss_bytes("VmRSS")
+    result = fn()
+    return result, max(_rss_bytes("VmHWM") - before, 0)
+
+
+def time_median(fn: Callable[[], Any], *, rounds: int, warmup: int = 1, cuda: bool) -> float:
+    """Median wall-clock seconds of ``fn`` over ``rounds`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    return f"{torch.get_num_threads()}-thread CPU ({platform.machine()}), torch {torch.__version__}"
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _fmt_seconds(s: float) -> str:
+    return f"{s * 1e6:.1f} us" if s < 1e-3 else f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def report(benchmark, name: str, *, ours_s: float, baseline_s: float, ours_peak: int, baseline_peak: int,
+           **extra: Any) -> None:
+    """Record a benchmark's figures in ``benchmark.extra_info`` and as a line for bench/RESULTS.md.
+
+    ``ours_s`` is usually ``benchmark.stats.stats.median``; the baseline is timed in the same test.
+    """
+    info = dict(ours_s=ours_s, baseline_s=baseline_s, speedup=baseline_s / ours_s,
+                ours_peak_bytes=ours_peak, baseline_peak_bytes=baseline_peak,
+                memory_ratio=baseline_peak / max(ours_peak, 1), machine=machine(), **extra)
+    benchmark.extra_info.update(info)
+    extras = ", ".join(f"{key}={value}" for key, value in extra.items())
+    RESULT_LINES.append(
+        f"| {time.strftime('%Y-%m-%d')} | {machine()} | {name} | {_fmt_seconds(ours_s)} | {_fmt_seconds(baseline_s)} | "
+        f"{info['speedup']:.1f}x | {_fmt_bytes(ours_peak)} | {_fmt_bytes(baseline_peak)} | "
+        f"{info['memory_ratio']:.1f}x | {extras} |")
