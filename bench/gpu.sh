@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# On a lent GPU machine (H100/H200; torch 2.11, triton 3.6, transformers 5.17, no trl/datasets):
+# rebuild the CPU library against that torch, run the test suite on CUDA (Triton for real, not
+# interpreted), run every benchmark, and print the lines for bench/RESULTS.md.
+#
+#   here, once:      bash bench/gpu.sh wheels     # downloads trl + datasets wheels into .whl/ (ignored)
+#   on the device:   bash bench/gpu.sh            # run with carry=[".whl"]; logs land in $OUT
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "wheels" ]; then
+  grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+  for pkg in trl==1.16.0 datasets dill multiprocess; do
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+      -d .whl "$pkg"
+  done
+  ls -la .whl
+  exit 0
+fi
+
+OUT=${OUT:-/tmp/saliency-r1-gpu}
+mkdir -p "$OUT"
+if ls .whl/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+
+export PYTHONUNBUFFERED=1
+python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$OUT/tests.log" | tail -25
+tests_rc=${PIPESTATUS[0]}
+python3 -m pytest -q -p no:cacheprovider bench --benchmark-only --benchmark-json="$OUT/bench.json" 2>&1 \
+  | tee "$OUT/bench.log" | tail -40
+bench_rc=${PIPESTATUS[0]}
+echo "tests rc=$tests_rc bench rc=$bench_rc"
+echo "== lines for bench/RESULTS.md =="
+grep -E '^\| 20[0-9]{2}-' "$OUT/bench.log"
+exit $(( tests_rc || bench_rc ))
