@@ -1,0 +1,242 @@
+"""Triton kernel of ``saliency::layer_saliency`` (SPEC.md section 3): one layer's ``S(a, i)``, summed over heads.
+
+Nothing of size ``[T, N]``, ``[A, T]`` or ``[A, N, V]`` touches global memory: every probability is recomputed
+in registers, tile by tile, from the queries, the keys and the row's log-sum-exp,
+
+    alpha(j -> m) = exp(s * q_j . k_m - lse_j) = exp2(s * log2(e) * q_j . k_m - log2(e) * lse_j),
+
+and only the ``[B, A, N]`` result is written.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_PATHS = ("cot", "direct", "both")
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_LOG2E = math.log2(math.e)
+
+# One program per (tile of image tokens, tile of answer rows, rollout), looping over every head inside.
+# Why not one program per head: the sum over heads then stays in registers, the output is written once
+# (no atomics, deterministic, no [B, H, A, N] partials to reduce), and the grid is still wide enough at
+# Qwen2.5-VL-3B's shapes: 8 rollouts x ceil(1000 / 64) tiles = 128 programs for 132 SMs, each running
+# H * ceil(T / BLOCK_T) tensor-core steps. A is small (a few answer tokens): one answer tile, padded to
+# 16 rows because tl.dot needs at least 16.
+_BLOCK_N = 64
+_BLOCK_T = 32
+_MIN_BLOCK_A = 16
+_MAX_BLOCK_A = 64
+
+
+# Triton's interpreter multiplies bf16 blocks as their raw uint16 bits in tl.dot; there the operands are
+# widened to fp32 first. bf16 x bf16 products are exact in fp32, so this is the GPU's arithmetic.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, WIDEN: tl.constexpr):
+    if WIDEN:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _layer_saliency_kernel(
+        q_think_ptr, lse_think_ptr, q_answer_ptr, lse_answer_ptr, k_think_ptr, k_image_ptr, v_image_ptr,
+        u_answer_ptr, lengths_ptr, out_ptr,
+        stride_qt_b, stride_qt_h, stride_qt_t, stride_qt_d,
+        stride_lt_b, stride_lt_h, stride_lt_t,
+        stride_qa_b, stride_qa_h, stride_qa_a, stride_qa_d,
+        stride_la_b, stride_la_h, stride_la_a,
+        stride_kt_b, stride_kt_h, stride_kt_t, stride_kt_d,
+        stride_ki_b, stride_ki_h, stride_ki_n, stride_ki_d,
+        stride_vi_b, stride_vi_h, stride_vi_n, stride_vi_d,
+        stride_ua_b, stride_ua_h, stride_ua_a, stride_ua_d,
+        stride_len_b, stride_len_j,
+        stride_o_b, stride_o_a, stride_o_n,
+        heads, groups, head_size, a_max, n_max, scale_log2,
+        COT: tl.constexpr, DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDEN: tl.constexpr,
+        BLOCK_A: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_a = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    n_b = tl.load(lengths_ptr + b * stride_len_b)
+    t_b = tl.load(lengths_ptr + b * stride_len_b + stride_len_j)
+    a_b = tl.load(lengths_ptr + b * stride_len_b + 2 * stride_len_j)
+
+    offs_a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_a = offs_a < a_b
+    mask_n = offs_n < n_b
+    mask_d = offs_d < head_size  # head size 80 runs in a 128-wide tile; the zero columns add nothing to q . k
+    log2e = 1.4426950408889634
+
+    acc = tl.zeros((BLOCK_A, BLOCK_N), dtype=tl.float32)
+    if (pid_a * BLOCK_A < a_b) & (pid_n * BLOCK_N < n_b):
+        for h in range(0, heads):
+            kv = h // groups
+            ki_ptrs = (k_image_ptr + b * stride_ki_b + kv * stride_ki_h + offs_n[:, None] * stride_ki_n
+                       + offs_d[None, :] * stride_ki_d)
+            k_i = tl.load(ki_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+            qa_ptrs = (q_answer_ptr + b * stride_qa_b + h * stride_qa_h + offs_a[:, None] * stride_qa_a
+                       + offs_d[None, :] * stride_qa_d)
+            q_a = tl.load(qa_ptrs, mask=mask_a[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_A, BLOCK_D]
+            lse_a = tl.load(lse_answer_ptr + b * stride_la_b + h * stride_la_h + offs_a * stride_la_a,
+                            mask=mask_a, other=0.0).to(tl.float32) * log2e
+            weight = tl.zeros((BLOCK_A, BLOCK_N), dtype=tl.float32)
+            if COT:
+                for t0 in range(0, t_b, BLOCK_T):
+                    offs_t = t0 + tl.arange(0, BLOCK_T)
+                    mask_t = offs_t < t_b
+                    kt_ptrs = (k_think_ptr + b * stride_kt_b + kv * stride_kt_h + offs_t[:, None] * stride_kt_t
+                               + offs_d[None, :] * stride_kt_d)
+                    k_t = tl.load(kt_ptrs, mask=mask_t[:, None] & mask_d[None, :], other=0.0)
+                    qt_ptrs = (q_think_ptr + b * stride_qt_b + h * stride_qt_h + offs_t[:, None] * stride_qt_t
+                               + offs_d[None, :] * stride_qt_d)
+                    q_t = tl.load(qt_ptrs, mask=mask_t[:, None] & mask_d[None, :], other=0.0)
+                    lse_t = tl.load(lse_think_ptr + b * stride_lt_b + h * stride_lt_h + offs_t * stride_lt_t,
+                                    mask=mask_t, other=0.0).to(tl.float32) * log2e
+                    # alpha(a -> t) [BLOCK_A, BLOCK_T]: the padded think columns must be exactly 0.
+                    s_at = _dot(q_a, tl.trans(k_t), None, DOT_PRECISION, WIDEN)
+                    p_at = tl.where(mask_t[None, :], tl.exp2(s_at * scale_log2 - lse_a[:, None]), 0.0)
+                    # alpha(t -> i) [BLOCK_T, BLOCK_N]; padded rows meet zero columns of p_at.
+                    s_ti = _dot(q_t, tl.trans(k_i), None, DOT_PRECISION, WIDEN)
+                    p_ti = tl.exp2(s_ti * scale_log2 - lse_t[:, None])
+                    # Probabilities enter the tensor cores in the input dtype (as flash attention's P @ V
+                    # does) and accumulate in fp32.
+                    weight = _dot(p_at.to(k_t.dtype), p_ti.to(k_t.dtype), weight, DOT_PRECISION, WIDEN)
+            if DIRECT:
+                s_ai = _dot(q_a, tl.trans(k_i), None, DOT_PRECISION, WIDEN)
+                weight += tl.exp2(s_ai * scale_log2 - lse_a[:, None])
+            # <v_i, W_O^T g_a> [BLOCK_A, BLOCK_N]: loaded after the think loop to keep registers free inside it.
+            vi_ptrs = (v_image_ptr + b * stride_vi_b + kv * stride_vi_h + offs_n[:, None] * stride_vi_n
+                       + offs_d[None, :] * stride_vi_d)
+            v_i = tl.load(vi_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+            ua_ptrs = (u_answer_ptr + b * stride_ua_b + h * stride_ua_h + offs_a[:, None] * stride_ua_a
+                       + offs_d[None, :] * stride_ua_d)
+            u_a = tl.load(ua_ptrs, mask=mask_a[:, None] & mask_d[None, :], other=0.0)
+            acc += weight * _dot(u_a, tl.trans(v_i), None, DOT_PRECISION, WIDEN)
+    acc = tl.where(mask_a[:, None] & mask_n[None, :], acc, 0.0)  # padding outputs are 0
+    out_ptrs = out_ptr + b * stride_o_b + offs_a[:, None] * stride_o_a + offs_n[None, :] * stride_o_n
+    tl.store(out_ptrs, acc, mask=(offs_a[:, None] < a_max) & (offs_n[None, :] < n_max))
+
+
+def _check(name: str, tensor: torch.Tensor, dims: int, layout: str) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dim() != dims:
+        raise ValueError(f"{name} must be {layout}, got shape {tuple(tensor.shape)}")
+
+
+def _validate(q_think, lse_think, q_answer, lse_answer, k_think, k_image, v_image, u_answer, lengths, path) -> None:
+    """The checks of the CPU kernel (kernels/cpu/layer_saliency.cpp), with the same messages."""
+    if path not in _PATHS:
+        raise ValueError(f"path must be one of 'cot', 'direct', 'both', got {path!r}")
+    for name, tensor, dims, layout in (
+            ("q_think", q_think, 4, "[B, H, T, d]"), ("lse_think", lse_think, 3, "[B, H, T]"),
+            ("q_answer", q_answer, 4, "[B, H, A, d]"), ("lse_answer", lse_answer, 3, "[B, H, A]"),
+            ("k_think", k_think, 4, "[B, H_kv, T, d]"), ("k_image", k_image, 4, "[B, H_kv, N, d]"),
+            ("v_image", v_image, 4, "[B, H_kv, N, d]"), ("u_answer", u_answer, 4, "[B, H, A, d]"),
+            ("lengths", lengths, 2, "[B, 3] (N_b, T_b, A_b)")):
+        _check(name, tensor, dims, layout)
+    if lengths.shape[1] != 3:
+        raise ValueError(f"lengths must be [B, 3] (N_b, T_b, A_b), got shape {tuple(lengths.shape)}")
+    batch = q_answer.shape[0]
+    named = {"q_think": q_think, "lse_think": lse_think, "lse_answer": lse_answer, "k_think": k_think,
+             "k_image": k_image, "v_image": v_image, "u_answer": u_answer, "lengths": lengths}
+    for name, tensor in named.items():
+        if tensor.shape[0] != batch:
+            raise ValueError(f"batch size mismatch: {name} has B={tensor.shape[0]} but q_answer has B={batch}")
+        if tensor.device != q_answer.device:
+            raise ValueError(f"{name} is on {tensor.device} but q_answer is on {q_answer.device}")
+    heads, kv_heads, head_size = q_answer.shape[1], k_image.shape[1], q_answer.shape[3]
+    for name in ("q_think", "lse_think", "lse_answer", "u_answer"):
+        if named[name].shape[1] != heads:
+            raise ValueError(f"head count mismatch: {name} has H={named[name].shape[1]} but q_answer has H={heads}")
+    for name in ("k_think", "v_image"):
+        if named[name].shape[1] != kv_heads:
+            raise ValueError(f"kv head count mismatch: {name} has H_kv={named[name].shape[1]} "
+                             f"but k_image has H_kv={kv_heads}")
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(f"q_answer's H={heads} must be a positive multiple of k_image's H_kv={kv_heads}")
+    for name in ("q_think", "k_think", "k_image", "v_image", "u_answer"):
+        if named[name].shape[3] != head_size:
+            raise ValueError(f"head size mismatch: {name} has d={named[name].shape[3]} "
+                             f"but q_answer has d={head_size}")
+    think, answers, image = q_think.shape[2], q_answer.shape[2], k_image.shape[2]
+    for name, size, letter, like, limit in (
+            ("lse_think", lse_think.shape[2], "T", "q_think", think), ("k_think", k_think.shape[2], "T", "q_think", think),
+            ("lse_answer", lse_answer.shape[2], "A", "q_answer", answers),
+            ("u_answer", u_answer.shape[2], "A", "q_answer", answers),
+            ("v_image", v_image.shape[2], "N", "k_image", image)):
+        if size != limit:
+            raise ValueError(f"{name} has {letter}={size} but {like} has {letter}={limit}")
+    if q_answer.dtype not in _DTYPES:
+        raise TypeError(f"q_answer must be float32, bfloat16 or float16 for the Triton kernel, got {q_answer.dtype} "
+                        "(float64 runs on the CPU kernel)")
+    for name in ("q_think", "k_think", "k_image", "v_image", "u_answer"):
+        if named[name].dtype != q_answer.dtype:
+            raise TypeError(f"{name} must have q_answer's dtype {q_answer.dtype}, got {named[name].dtype}")
+    for name in ("lse_think", "lse_answer"):
+        if named[name].dtype != torch.float32:
+            raise TypeError(f"{name} must be float32, got {named[name].dtype}")
+    if lengths.dtype != torch.int64:
+        raise TypeError(f"lengths must be int64, got {lengths.dtype}")
+    limits = (image, think, answers)
+    names = ("N_b (image tokens)", "T_b (think tokens)", "A_b (answer tokens)")
+    for b, row in enumerate(lengths.tolist()):  # one host sync per layer call, negligible next to the kernel
+        for j, value in enumerate(row):
+            if not 0 <= value <= limits[j]:
+                raise ValueError(f"lengths[{b}, {j}] = {value} is out of range: {names[j]} must lie in "
+                                 f"[0, {limits[j]}]")
+
+
+def layer_saliency_triton(q_think: torch.Tensor, lse_think: torch.Tensor, q_answer: torch.Tensor,
+                          lse_answer: torch.Tensor, k_think: torch.Tensor, k_image: torch.Tensor,
+                          v_image: torch.Tensor, u_answer: torch.Tensor, lengths: torch.Tensor, scale: float,
+                          path: str = "cot") -> torch.Tensor:
+    """One layer's ``S(a, i)`` summed over heads, in one Triton launch (the CUDA kernel of the op).
+
+    Args:
+        q_think: ``[B, H, T, d]`` queries (after rotary) of the think rows; float32, bfloat16 or float16.
+        lse_think: float32 ``[B, H, T]`` softmax log-sum-exp of the think rows' scaled scores.
+        q_answer: ``[B, H, A, d]`` queries of the answer rows.
+        lse_answer: float32 ``[B, H, A]`` their log-sum-exp.
+        k_think: ``[B, H_kv, T, d]`` keys at the think positions.
+        k_image: ``[B, H_kv, N, d]`` keys at the image positions.
+        v_image: ``[B, H_kv, N, d]`` values at the image positions.
+        u_answer: ``[B, H, A, d]`` projected answer vectors ``W_O[l,h]^T g_a``.
+        lengths: int64 ``[B, 3]``, valid ``(N_b, T_b, A_b)`` per rollout; padding is ignored.
+        scale: softmax scale ``s``.
+        path: ``"cot"``, ``"direct"`` or ``"both"``.
+
+    Returns:
+        float32 ``[B, A, N]``; padding entries are 0, and ``T_b = 0`` gives 0 on the ``cot`` path.
+    """
+    _validate(q_think, lse_think, q_answer, lse_answer, k_think, k_image, v_image, u_answer, lengths, path)
+    batch, heads, answers, head_size = q_answer.shape
+    kv_heads, image = k_image.shape[1], k_image.shape[2]
+    out = torch.empty((batch, answers, image), dtype=torch.float32, device=q_answer.device)
+    if out.numel() == 0:
+        return out
+    block_a = min(_MAX_BLOCK_A, max(_MIN_BLOCK_A, triton.next_power_of_2(answers)))
+    grid = (triton.cdiv(image, _BLOCK_N), triton.cdiv(answers, block_a), batch)
+    _layer_saliency_kernel[grid](
+        q_think, lse_think, q_answer, lse_answer, k_think, k_image, v_image, u_answer, lengths, out,
+        *q_think.stride(), *lse_think.stride(), *q_answer.stride(), *lse_answer.stride(), *k_think.stride(),
+        *k_image.stride(), *v_image.stride(), *u_answer.stride(), *lengths.stride(), *out.stride(),
+        heads, heads // kv_heads, head_size, answers, image, float(scale) * _LOG2E,
+        COT=path in ("cot", "both"), DIRECT=path in ("direct", "both"),
+        # fp32 inputs: exact fp32 products (TF32 would cost ~1e-3 relative error); others: tensor-core default.
+        DOT_PRECISION="ieee" if q_answer.dtype == torch.float32 else "tf32",
+        WIDEN=_INTERPRETED and q_answer.dtype == torch.bfloat16,
+        BLOCK_A=block_a, BLOCK_N=_BLOCK_N, BLOCK_T=_BLOCK_T,
+        BLOCK_D=max(16, triton.next_power_of_2(head_size)),
+        num_warps=4, num_stages=2)
+    return out
