@@ -1,0 +1,264 @@
+// CPU kernel of saliency::reward (SPEC.md section 4): the fraction of each upsampled saliency map's
+// mass inside the union of its boxes, computed on the h' x w' grid without materialising H x W.
+//
+// Separable form. Bilinear upsampling with align_corners=False gives output pixel x the source
+// coordinate u_x = (x + 0.5) * w' / W - 0.5, clamped to t_x in [0, w' - 1] (PyTorch clamps at 0;
+// at the top its second tap repeats the last cell, which is the same as clamping). Pixel x gives
+// cell c the weight hat(t_x - c) = max(0, 1 - |t_x - c|), which is PyTorch's (1 - lambda, lambda)
+// pair. With the prefix weight sums Fx(Q)[c] = sum over x < Q of hat(t_x - c) (likewise Fy), the
+// mass of the upsampled map in pixels [0, P) x [0, Q) is F(P, Q) = Fy(P)^T G Fx(Q), G = relu(map).
+// Summation by parts in two dimensions turns the mass inside a union of rectangles into
+//     sum over corners (P, Q) of D(P, Q) * F(P, Q),
+//     D(P, Q) = cov(P-1, Q-1) - cov(P-1, Q) - cov(P, Q-1) + cov(P, Q),
+// where cov(y, x) says whether pixel (y, x) is in the union; D vanishes except at the grid of the
+// boxes' edges {y_lo, y_hi + 1} x {x_lo, x_hi + 1}. So the work is O(K h' w') per rollout (one
+// G Fx(Q) product per distinct x edge) plus O(K^2 (K + h')) for the corners.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace {
+
+std::string describe(const at::Tensor& t) {
+  std::ostringstream out;
+  out << t.scalar_type() << " tensor of shape " << t.sizes() << " on " << t.device();
+  return out.str();
+}
+
+bool is_index_dtype(const at::Tensor& t) {
+  return t.scalar_type() == at::kInt || t.scalar_type() == at::kLong;
+}
+
+// One axis of the upsampling: n_pix output pixels sampling n_cells grid cells.
+class Axis {
+ public:
+  Axis(int64_t n_cells, int64_t n_pix)
+      : n_cells_(n_cells), n_pix_(n_pix), scale_(double(n_cells) / double(n_pix)),
+        ratio_(double(n_pix) / double(n_cells)), edges_(n_cells + 2) {
+    k_lo_ = below(0.0);
+    k_hi_ = below(double(n_cells - 1));
+    // edges_[c + 1] = number of pixels with t_x < c, for c = -1 .. n_cells: the pixels whose t lies
+    // in [c - 1, c) raise cell c's weight, those in [c, c + 1) lower it.
+    for (int64_t c = -1; c <= n_cells; ++c) {
+      edges_[c + 1] = c <= 0 ? 0 : (c > n_cells - 1 ? n_pix : below(double(c)));
+    }
+  }
+
+  // out[c] = sum over pixels x < q of the weight of cell c (the prefix weight sums).
+  void prefix(int64_t q, double* out) const {
+    for (int64_t c = 0; c < n_cells_; ++c) {
+      const int64_t lo = edges_[c], mid = edges_[c + 1], hi = edges_[c + 2];
+      out[c] = sum_t_minus(lo, std::min(mid, q), double(c - 1)) -
+               sum_t_minus(mid, std::min(hi, q), double(c + 1));
+    }
+  }
+
+ private:
+  // Number of pixels x with u_x < v. Where floating point rounds an exact breakpoint either way,
+  // the pixel's weight is the same on both sides (the hat is continuous), so the sums do not change.
+  int64_t below(double v) const {
+    const double n = std::ceil((v + 0.5) * ratio_ - 0.5);
+    return std::clamp<int64_t>(static_cast<int64_t>(std::max(n, -1.0)), 0, n_pix_);
+  }
+
+  // Sum over pixels x in [p, q) of (t_x - off), in closed form: t is 0 below k_lo, n_cells - 1 from
+  // k_hi on, and linear in x between.
+  double sum_t_minus(int64_t p, int64_t q, double off) const {
+    if (q <= p) return 0.0;
+    double sum = 0.0;
+    const int64_t n_low = std::max<int64_t>(0, std::min(q, k_lo_) - p);
+    const int64_t n_high = std::max<int64_t>(0, q - std::max(p, k_hi_));
+    sum += double(n_low) * (0.0 - off) + double(n_high) * (double(n_cells_ - 1) - off);
+    const int64_t a = std::max(p, k_lo_), b = std::min(q, k_hi_);
+    if (b > a) {
+      // mean of u_x over [a, b) is ((a + b) / 2) * scale - 0.5
+      sum += double(b - a) * (0.5 * double(a + b) * scale_ - 0.5 - off);
+    }
+    return sum;
+  }
+
+  int64_t n_cells_, n_pix_;
+  double scale_, ratio_;
+  int64_t k_lo_ = 0, k_hi_ = 0;
+  std::vector<int64_t> edges_;
+};
+
+struct Box {
+  int64_t x_lo, y_lo, x_hi, y_hi;  // inclusive, clamped to the image
+};
+
+bool covered(const std::vector<Box>& boxes, int64_t y, int64_t x) {
+  for (const Box& b : boxes) {
+    if (b.y_lo <= y && y <= b.y_hi && b.x_lo <= x && x <= b.x_hi) return true;
+  }
+  return false;
+}
+
+double dot(const double* a, const double* b, int64_t n) {
+  double s = 0.0;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// v = G f, G row-major [h, w].
+void matvec(const std::vector<double>& g, const double* f, int64_t h, int64_t w, double* v) {
+  for (int64_t r = 0; r < h; ++r) v[r] = dot(g.data() + r * w, f, w);
+}
+
+// valid-free score of one rollout: mass in the union of the boxes / total mass (0 if either is 0).
+double score(const std::vector<double>& g, int64_t h, int64_t w, int64_t H, int64_t W,
+             const std::vector<Box>& boxes) {
+  if (boxes.empty()) return 0.0;
+  const Axis ax(w, W), ay(h, H);
+  std::vector<int64_t> xs, ys;
+  for (const Box& b : boxes) {
+    xs.push_back(b.x_lo);
+    xs.push_back(b.x_hi + 1);
+    ys.push_back(b.y_lo);
+    ys.push_back(b.y_hi + 1);
+  }
+  for (auto* edges : {&xs, &ys}) {
+    std::sort(edges->begin(), edges->end());
+    edges->erase(std::unique(edges->begin(), edges->end()), edges->end());
+  }
+  std::vector<double> fx(w), fy(h), col_full(h);
+  // Total mass: F(H, W), computed exactly as a whole-image box would be, so such a box scores 1.
+  ax.prefix(W, fx.data());
+  ay.prefix(H, fy.data());
+  matvec(g, fx.data(), h, w, col_full.data());
+  const double total = dot(fy.data(), col_full.data(), h);
+  if (!(total > 0.0)) return 0.0;
+
+  // cols[j] = G Fx(xs[j]); edge 0 has F = 0 and is skipped.
+  std::vector<double> cols(xs.size() * h, 0.0);
+  for (size_t j = 0; j < xs.size(); ++j) {
+    if (xs[j] == 0) continue;
+    if (xs[j] == W) {
+      std::copy(col_full.begin(), col_full.end(), cols.begin() + j * h);
+      continue;
+    }
+    ax.prefix(xs[j], fx.data());
+    matvec(g, fx.data(), h, w, cols.data() + j * h);
+  }
+  double mass = 0.0;
+  for (int64_t P : ys) {
+    if (P == 0) continue;
+    ay.prefix(P, fy.data());
+    for (size_t j = 0; j < xs.size(); ++j) {
+      const int64_t Q = xs[j];
+      if (Q == 0) continue;
+      const int d = int(covered(boxes, P - 1, Q - 1)) - int(covered(boxes, P - 1, Q)) -
+                    int(covered(boxes, P, Q - 1)) + int(covered(boxes, P, Q));
+      if (d != 0) mass += d * dot(fy.data(), cols.data() + j * h, h);
+    }
+  }
+  // The corner sum cancels large prefix masses; clamp its rounding (~1e-16 relative) into [0, 1].
+  return std::clamp(mass / total, 0.0, 1.0);
+}
+
+at::Tensor reward_cpu(const at::Tensor& maps, const at::Tensor& map_sizes, const at::Tensor& image_sizes,
+                      const at::Tensor& boxes, const at::Tensor& box_counts, const at::Tensor& valid) {
+  TORCH_CHECK(maps.dim() == 3 && at::isFloatingType(maps.scalar_type()),
+              "reward: maps must be a float32/float64/bfloat16/float16 tensor of shape [B, h_max, w_max], got ",
+              describe(maps));
+  const int64_t B = maps.size(0), h_max = maps.size(1), w_max = maps.size(2);
+  TORCH_CHECK(map_sizes.dim() == 2 && is_index_dtype(map_sizes) && map_sizes.size(0) == B &&
+                  map_sizes.size(1) == 2,
+              "reward: map_sizes must be an int32/int64 tensor of shape [B, 2] = (h', w') with B = ", B,
+              " (the batch size of maps), got ", describe(map_sizes));
+  TORCH_CHECK(image_sizes.dim() == 2 && is_index_dtype(image_sizes) && image_sizes.size(0) == B &&
+                  image_sizes.size(1) == 2,
+              "reward: image_sizes must be an int32/int64 tensor of shape [B, 2] = (H, W) with B = ", B,
+              " (the batch size of maps), got ", describe(image_sizes));
+  TORCH_CHECK(boxes.dim() == 3 && is_index_dtype(boxes) && boxes.size(0) == B && boxes.size(2) == 4,
+              "reward: boxes must be an int32/int64 tensor of shape [B, K_max, 4] = (x_lo, y_lo, x_hi, y_hi) "
+              "with B = ", B, " (the batch size of maps), got ", describe(boxes));
+  TORCH_CHECK(box_counts.dim() == 1 && is_index_dtype(box_counts) && box_counts.size(0) == B,
+              "reward: box_counts must be an int32/int64 tensor of shape [B] with B = ", B,
+              " (the batch size of maps), got ", describe(box_counts));
+  TORCH_CHECK(valid.dim() == 1 && at::isFloatingType(valid.scalar_type()) && valid.size(0) == B,
+              "reward: valid must be a floating-point tensor of shape [B] with B = ", B,
+              " (the batch size of maps), got ", describe(valid));
+  for (const at::Tensor* t : {&maps, &map_sizes, &image_sizes, &boxes, &box_counts, &valid}) {
+    TORCH_CHECK(t->device().is_cpu(), "reward: the CPU kernel needs every argument on the CPU, got ",
+                describe(*t), " beside maps ", describe(maps));
+  }
+
+  const int64_t K_max = boxes.size(1);
+  const at::Tensor ms = map_sizes.to(at::kLong).contiguous(), is = image_sizes.to(at::kLong).contiguous(),
+                   bx = boxes.to(at::kLong).contiguous(), bc = box_counts.to(at::kLong).contiguous(),
+                   vd = valid.to(at::kDouble).contiguous();
+  const int64_t *msp = ms.const_data_ptr<int64_t>(), *isp = is.const_data_ptr<int64_t>(),
+                *bxp = bx.const_data_ptr<int64_t>(), *bcp = bc.const_data_ptr<int64_t>();
+  const double* vdp = vd.const_data_ptr<double>();
+
+  // Argument values, checked before any work so that the first bad rollout is the one reported.
+  std::vector<std::vector<Box>> rollout_boxes(B);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t h = msp[2 * b], w = msp[2 * b + 1], H = isp[2 * b], W = isp[2 * b + 1];
+    TORCH_CHECK(h > 0 && w > 0, "reward: map_sizes[", b, "] = (", h, ", ", w, ") must be positive");
+    TORCH_CHECK(h <= h_max && w <= w_max, "reward: map_sizes[", b, "] = (", h, ", ", w,
+                ") is larger than the padded maps tensor of shape ", maps.sizes());
+    TORCH_CHECK(H > 0 && W > 0, "reward: image_sizes[", b, "] = (", H, ", ", W, ") must be positive");
+    const int64_t count = bcp[b];
+    TORCH_CHECK(count >= 0 && count <= K_max, "reward: box_counts[", b, "] = ", count,
+                " must lie in [0, K_max = ", K_max, "] (boxes has shape ", boxes.sizes(), ")");
+    TORCH_CHECK(std::isfinite(vdp[b]), "reward: valid[", b, "] = ", vdp[b], " is not finite");
+    for (int64_t k = 0; k < count; ++k) {
+      const int64_t* q = bxp + (b * K_max + k) * 4;
+      TORCH_CHECK(q[2] >= q[0], "reward: boxes[", b, ", ", k, "] = (", q[0], ", ", q[1], ", ", q[2], ", ", q[3],
+                  ") has x_hi < x_lo");
+      TORCH_CHECK(q[3] >= q[1], "reward: boxes[", b, ", ", k, "] = (", q[0], ", ", q[1], ", ", q[2], ", ", q[3],
+                  ") has y_hi < y_lo");
+      // Clamp to the image; a box wholly off it is empty and dropped.
+      const Box c{std::max<int64_t>(q[0], 0), std::max<int64_t>(q[1], 0), std::min(q[2], W - 1),
+                  std::min(q[3], H - 1)};
+      if (c.x_lo <= c.x_hi && c.y_lo <= c.y_hi) rollout_boxes[b].push_back(c);
+    }
+  }
+
+  at::Tensor out = at::empty({B}, maps.options().dtype(at::kFloat));
+  float* outp = out.mutable_data_ptr<float>();
+  std::vector<char> finite(B, 1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, maps.scalar_type(), "saliency_reward_cpu", [&] {
+    const scalar_t* mp = maps.const_data_ptr<scalar_t>();
+    const int64_t sb = maps.stride(0), sh = maps.stride(1), sw = maps.stride(2);
+    // About 16k map cells per task: fewer and the thread start-up outweighs the work.
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, h_max * w_max));
+    at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+      std::vector<double> g;
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t h = msp[2 * b], w = msp[2 * b + 1];
+        g.resize(h * w);
+        bool ok = true;
+        for (int64_t r = 0; r < h; ++r) {
+          for (int64_t c = 0; c < w; ++c) {
+            const double v = static_cast<double>(mp[b * sb + r * sh + c * sw]);
+            ok = ok && std::isfinite(v);
+            g[r * w + c] = v > 0.0 ? v : 0.0;
+          }
+        }
+        finite[b] = ok;
+        outp[b] = ok ? static_cast<float>(vdp[b] * score(g, h, w, isp[2 * b], isp[2 * b + 1], rollout_boxes[b]))
+                     : NAN;
+      }
+    });
+  });
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(finite[b], "reward: maps[", b, "] holds NaN or inf inside its map_sizes[", b, "] = (", msp[2 * b],
+                ", ", msp[2 * b + 1], ") region");
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(saliency, CPU, m) { m.impl("reward", &reward_cpu); }
