@@ -1,0 +1,150 @@
+"""A grounded-VQA set built in code: coloured shapes on a cluttered background.
+
+Each image holds a few objects with distinct colours and distinct shapes, scattered over
+grey clutter. The question names one object by one attribute and asks for the other
+("What color is the square?", "What shape is the red object?"), so the answer needs that
+object and nothing else, and its box is the evidence region. Every example is a pure
+function of ``(seed, index)``: the set needs no storage and is the same on every machine.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30), "green": (30, 170, 50), "blue": (40, 70, 220),
+    "yellow": (235, 215, 20), "purple": (140, 40, 170), "orange": (245, 130, 20),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """How the synthetic images are drawn.
+
+    Args:
+        image_size: side of the square image in pixels (112 gives a 4 x 4 grid of 28-px cells).
+        num_objects: objects per image, each with its own colour and shape (at most 4).
+        min_object: smallest object side in pixels.
+        max_object: largest object side in pixels.
+        clutter: number of grey distractor strokes and dots in the background.
+    """
+
+    image_size: int = 112
+    num_objects: int = 3
+    min_object: int = 24
+    max_object: int = 36
+    clutter: int = 40
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.num_objects <= len(SHAPES):
+            raise ValueError(f"num_objects must be in [1, {len(SHAPES)}], got {self.num_objects}")
+        if not 4 <= self.min_object <= self.max_object <= self.image_size:
+            raise ValueError(f"need 4 <= min_object <= max_object <= image_size, got "
+                             f"{self.min_object}, {self.max_object}, {self.image_size}")
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], fill) -> None:
+    x0, y0, x1, y1 = box
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    elif shape == "triangle":
+        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+    else:
+        draw.polygon([((x0 + x1) / 2, y0), (x1, (y0 + y1) / 2), ((x0 + x1) / 2, y1), (x0, (y0 + y1) / 2)],
+                     fill=fill)
+
+
+def _place(rng: random.Random, cfg: SyntheticConfig, taken: list[tuple[int, int, int, int]]):
+    """A box that overlaps no box in ``taken`` (rejection sampling; the images are sparse)."""
+    for _ in range(200):
+        side = rng.randint(cfg.min_object, cfg.max_object)
+        x0 = rng.randint(0, cfg.image_size - side)
+        y0 = rng.randint(0, cfg.image_size - side)
+        box = (x0, y0, x0 + side - 1, y0 + side - 1)
+        if all(box[2] < t[0] - 2 or box[0] > t[2] + 2 or box[3] < t[1] - 2 or box[1] > t[3] + 2 for t in taken):
+            return box
+    raise ValueError(f"could not place {cfg.num_objects} objects of up to {cfg.max_object} px "
+                     f"in a {cfg.image_size} px image; lower num_objects or max_object")
+
+
+def make_example(seed: int, index: int, config: SyntheticConfig = SyntheticConfig()) -> dict:
+    """One example, a pure function of ``(seed, index)``.
+
+    Returns a record in the Saliency-R1 format plus helpers:
+        ``image`` (PIL RGB, ``image_size`` square), ``problem`` (str), ``solution`` (str),
+        ``bbox`` (str, normalised ``[x1,y1,x2,y2]`` of the target object),
+        ``box_pixels`` (inclusive integer ``(x_lo, y_lo, x_hi, y_hi)``), ``target`` (colour, shape).
+    """
+    rng = random.Random(f"saliency-r1-synthetic/{seed}/{index}")
+    size = config.image_size
+    image = Image.new("RGB", (size, size), tuple(rng.randint(200, 245) for _ in range(3)))
+    draw = ImageDraw.Draw(image)
+    for _ in range(config.clutter):  # grey strokes and dots: no colour, so they never answer the question
+        grey = rng.randint(90, 180)
+        x, y = rng.randrange(size), rng.randrange(size)
+        if rng.random() < 0.5:
+            draw.line((x, y, x + rng.randint(-15, 15), y + rng.randint(-15, 15)), fill=(grey,) * 3, width=1)
+        else:
+            r = rng.randint(1, 3)
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=(grey,) * 3)
+    colors = rng.sample(sorted(COLORS), config.num_objects)
+    shapes = rng.sample(SHAPES, config.num_objects)
+    boxes: list[tuple[int, int, int, int]] = []
+    for color, shape in zip(colors, shapes):
+        box = _place(rng, config, boxes)
+        boxes.append(box)
+        _draw_shape(draw, shape, box, COLORS[color])
+    target = rng.randrange(config.num_objects)
+    color, shape = colors[target], shapes[target]
+    if rng.random() < 0.5:
+        problem, solution = f"What color is the {shape}?", color
+    else:
+        problem, solution = f"What shape is the {color} object?", shape
+    x_lo, y_lo, x_hi, y_hi = boxes[target]
+    # Normalised so that floor(W * x1) = x_lo and floor(W * x2) = x_hi (SPEC section 4): the
+    # centre of each pixel, which survives rounding to 4 decimals.
+    bbox = "[" + ",".join(f"{(v + 0.5) / size:.4f}" for v in (x_lo, y_lo, x_hi, y_hi)) + "]"
+    return {"image": image, "problem": problem, "solution": solution, "bbox": bbox,
+            "box_pixels": boxes[target], "target": (color, shape)}
+
+
+class SyntheticGroundedVQA:
+    """A deterministic, indexable grounded-VQA set of ``length`` examples.
+
+    Args:
+        length: number of examples.
+        seed: the set; two sets with different seeds share no images (use one seed for
+            training and another for held-out evaluation).
+        config: drawing parameters (see :class:`SyntheticConfig`).
+
+    ``dataset[i]`` is :func:`make_example(seed, i, config)`; a slice or list of indices gives a list.
+    """
+
+    def __init__(self, length: int, seed: int = 0, config: SyntheticConfig = SyntheticConfig()):
+        if length < 1:
+            raise ValueError(f"length must be positive, got {length}")
+        self.length, self.seed, self.config = length, seed, config
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        if not -self.length <= index < self.length:
+            raise IndexError(f"index {index} out of range for {self.length} examples")
+        return make_example(self.seed, index % self.length, self.config)
+
+    def to_hf(self):
+        """The same records as a ``datasets.Dataset`` (image, problem, solution, bbox), e.g. for TRL."""
+        import datasets
+
+        rows = [self[i] for i in range(self.length)]
+        return datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in ("image", "problem", "solution", "bbox")},
+                                          features=datasets.Features({
+                                              "image": datasets.Image(), "problem": datasets.Value("string"),
+                                              "solution": datasets.Value("string"), "bbox": datasets.Value("string")}))
