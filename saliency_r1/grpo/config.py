@@ -1,0 +1,187 @@
+"""The training configuration: one dataclass, loadable from YAML, overridable from the command line.
+
+Every field carries its help string (``metadata["help"]``); :func:`build_parser` turns them into
+command-line flags, so ``saliency-r1 train --help`` documents the whole configuration. The
+resolved configuration is written next to every checkpoint (``config.yaml``).
+
+>>> cfg = parse_config(["--steps", "3", "--lora", "true", "--lora-targets", "q_proj,v_proj"])
+>>> cfg.steps, cfg.lora, cfg.lora_targets
+(3, True, ['q_proj', 'v_proj'])
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+def _f(default, help: str, **kwargs):
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class TrainConfig:
+    """Configuration of a Saliency-R1 GRPO run. Defaults are the CPU demo (tiny model, synthetic set)."""
+
+    # ---------------------------------------------------------------- model and data
+    model: str | None = _f(None, "Qwen2.5-VL checkpoint (path or hub id). Unset: the tiny model built in code.")
+    data: str | None = _f(None, "Training data in the Saliency-R1 format (parquet, JSONL or image folder). "
+                                "Unset: the synthetic grounded-VQA set.")
+    eval_data: str | None = _f(None, "Held-out data (same format). Unset with --data: no evaluation; unset "
+                                     "without: a held-out synthetic set (seed eval_seed).")
+    max_image_side: int = _f(512, "Records whose image is larger than this on a side are dropped (public setup).")
+    train_size: int = _f(256, "Synthetic set: number of training examples.")
+    eval_size: int = _f(64, "Synthetic set: number of held-out examples.")
+    data_seed: int = _f(0, "Synthetic set: seed of the training images.")
+    eval_seed: int = _f(10_000, "Synthetic set: seed of the held-out images (different from data_seed).")
+    image_size: int = _f(112, "Synthetic set: image side in pixels (112 -> a 4 x 4 grid of image tokens).")
+    min_pixels: int = _f(56 * 56, "Processor: smallest image area after resizing.")
+    max_pixels: int = _f(224 * 224, "Processor: largest image area after resizing (real models: e.g. 512*512).")
+    system_prompt: str | None = _f(None, "System prompt. Unset: reason in <think></think>, answer in <answer></answer>.")
+    tiny_layers: int = _f(2, "Tiny model: number of language layers.")
+    tiny_hidden: int = _f(64, "Tiny model: hidden size.")
+
+    # ---------------------------------------------------------------- rollouts
+    steps: int = _f(40, "Optimizer steps (each on a fresh batch of rollouts, unless inner_iterations > 1).")
+    prompts_per_step: int = _f(4, "Prompts sampled per step (per process).")
+    num_generations: int = _f(4, "Completions per prompt (G); advantages are normalised within each group.")
+    max_completion_length: int = _f(24, "Longest completion in tokens (paper: 512).")
+    temperature: float = _f(1.0, "Sampling temperature (paper: 1.0).")
+    top_p: float = _f(1.0, "Nucleus sampling threshold.")
+    saliency_path: str = _f("cot", "Saliency path: cot (through the think tokens, the paper's), direct, or both.")
+
+    # ---------------------------------------------------------------- rewards
+    format_weight: float = _f(1.0, "Weight of the format reward (<think>...</think><answer>...</answer>).")
+    accuracy_weight: float = _f(1.0, "Weight of the accuracy reward (exact match, choice letter, number).")
+    saliency_weight: float = _f(1.0, "Weight of the saliency reward (saliency mass inside the box). 0 turns it off.")
+    extra_rewards: list[str] = _f([], "More reward callables 'module:function' in TRL's (completions, **kwargs) "
+                                      "form, each with weight 1.")
+
+    # ---------------------------------------------------------------- loss
+    advantage_scale: str = _f("group", "Advantage scaling: group (std of the group), batch (std of the batch), none.")
+    normalisation: str = _f("sequence", "Loss normalisation: sequence (GRPO), token (DAPO), constant (Dr. GRPO).")
+    eps_low: float = _f(0.2, "Clip range below: ratio >= 1 - eps_low.")
+    eps_high: float = _f(0.2, "Clip range above: ratio <= 1 + eps_high (DAPO: 0.28).")
+    beta: float = _f(0.0, "KL coefficient to the frozen initial policy (k3 estimator); 0 keeps no reference.")
+    inner_iterations: int = _f(1, "Optimizer steps per batch of rollouts; later ones reuse the generating "
+                                  "policy's log-probs in the ratio.")
+
+    # ---------------------------------------------------------------- optimisation
+    learning_rate: float = _f(2e-3, "AdamW learning rate (paper, LoRA on 3B/7B: 1e-5).")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.99, "AdamW beta2.")
+    warmup_steps: int = _f(4, "Linear learning-rate warm-up steps, then constant.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0: no clipping).")
+    micro_batch_size: int = _f(8, "Rollouts per forward/backward; the step accumulates over the batch.")
+    bf16: str = _f("auto", "bf16 autocast: auto (on when CUDA is present), true, false.")
+    lora: bool = _f(False, "Train LoRA adapters (peft) instead of all weights.")
+    lora_r: int = _f(8, "LoRA rank.")
+    lora_alpha: int = _f(16, "LoRA alpha.")
+    lora_dropout: float = _f(0.0, "LoRA dropout.")
+    lora_targets: list[str] = _f(["q_proj", "v_proj"], "Modules that get LoRA adapters (paper: q_proj, v_proj).")
+    cold_start_steps: int = _f(0, "Supervised steps on templated completions before GRPO (the paper's cold "
+                                  "start; only for the synthetic set, whose reasoning can be written out).")
+    cold_start_lr: float = _f(3e-3, "Learning rate of the cold-start steps.")
+
+    # ---------------------------------------------------------------- bookkeeping
+    seed: int = _f(0, "Seed of model initialisation (tiny), data order and sampling.")
+    output_dir: str = _f("runs/saliency-r1", "Where logs, plots and checkpoints go.")
+    log_every: int = _f(1, "Steps between log lines (the only host syncs of the loop).")
+    save_every: int = _f(20, "Steps between checkpoints (0: only at the end).")
+    eval_every: int = _f(0, "Steps between held-out evaluations (0: before and after training only).")
+    eval_limit: int = _f(64, "Held-out examples per evaluation.")
+    report_to: list[str] = _f([], "Extra trackers through accelerate: tensorboard, wandb. JSONL is always written.")
+    resume: str | None = _f(None, "Checkpoint directory to resume from, or 'auto' for the latest in output_dir.")
+    progress: bool = _f(True, "Show a progress bar.")
+
+    def __post_init__(self) -> None:
+        choices = {"advantage_scale": ("group", "batch", "none"), "normalisation": ("sequence", "token", "constant"),
+                   "saliency_path": ("cot", "direct", "both"), "bf16": ("auto", "true", "false")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        positive = ("steps", "prompts_per_step", "num_generations", "max_completion_length", "inner_iterations",
+                    "micro_batch_size", "log_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for tracker in self.report_to:
+            if tracker not in ("tensorboard", "wandb"):
+                raise ValueError(f"report_to entries must be tensorboard or wandb, got {tracker!r}")
+
+    @property
+    def rollouts_per_step(self) -> int:
+        return self.prompts_per_step * self.num_generations
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfig":
+        values = yaml.safe_load(Path(path).read_text()) or {}
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"{path}: unknown configuration keys {sorted(unknown)}")
+        return cls(**values)
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _parse_list(text: str) -> list[str]:
+    return [item for item in text.split(",") if item]
+
+
+def _converter(annotation):
+    origin = typing.get_origin(annotation)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if origin is list:
+        return _parse_list
+    if args:  # X | None
+        base = _converter(args[0])
+        return lambda text: None if text.lower() in ("none", "null") else base(text)
+    return {bool: _parse_bool, int: int, float: float, str: str}[annotation]
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """Adds ``--config FILE.yaml`` and one ``--field-name VALUE`` flag per field to ``parser``."""
+    parser = parser or argparse.ArgumentParser(description="Saliency-R1 GRPO training")
+    parser.add_argument("--config", default=None, help="YAML file of configuration values; flags override it.")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        shown = ",".join(default) if isinstance(default, list) else default
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_converter(hints[f.name]),
+                            default=argparse.SUPPRESS, metavar=type(default).__name__.upper() if default is not None
+                            else "VALUE", help=f"{f.metadata['help']} (default: {shown})")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """YAML values (``args.config``) first, then every flag given explicitly."""
+    values = TrainConfig.load(args.config).to_dict() if getattr(args, "config", None) else {}
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    return TrainConfig(**values)
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    """Parses command-line arguments (``argv``) into a :class:`TrainConfig`."""
+    return config_from_args(build_parser().parse_args(argv))
