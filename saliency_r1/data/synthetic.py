@@ -79,7 +79,8 @@ def make_example(seed: int, index: int, config: SyntheticConfig = SyntheticConfi
     Returns a record in the Saliency-R1 format plus helpers:
         ``image`` (PIL RGB, ``image_size`` square), ``problem`` (str), ``solution`` (str),
         ``bbox`` (str, normalised ``[x1,y1,x2,y2]`` of the target object),
-        ``box_pixels`` (inclusive integer ``(x_lo, y_lo, x_hi, y_hi)``), ``target`` (colour, shape).
+        ``box_pixels`` (inclusive integer ``(x_lo, y_lo, x_hi, y_hi)``), ``target`` (colour, shape),
+        ``objects`` (every object as ``(colour, shape, box_pixels)``, the target at index ``target_index``).
     """
     rng = random.Random(f"saliency-r1-synthetic/{seed}/{index}")
     size = config.image_size
@@ -111,7 +112,22 @@ def make_example(seed: int, index: int, config: SyntheticConfig = SyntheticConfi
     # centre of each pixel, which survives rounding to 4 decimals.
     bbox = "[" + ",".join(f"{(v + 0.5) / size:.4f}" for v in (x_lo, y_lo, x_hi, y_hi)) + "]"
     return {"image": image, "problem": problem, "solution": solution, "bbox": bbox,
-            "box_pixels": boxes[target], "target": (color, shape)}
+            "box_pixels": boxes[target], "target": (color, shape), "target_index": target,
+            "objects": list(zip(colors, shapes, boxes))}
+
+
+def worked_completion(example: dict, described: int | None = None) -> str:
+    """A well-formed completion for ``example``: the reasoning names one object, the answer is right.
+
+    ``described`` picks the object the reasoning names (default: the target). The cold start
+    trains on completions that name a random object, so that the policy starts out looking at
+    any object and only a reward for looking at the evidence tells it which one.
+
+    >>> worked_completion({"objects": [("red", "square", (0, 0, 9, 9))], "target_index": 0, "solution": "red"})
+    '<think>red square</think><answer>red</answer>'
+    """
+    color, shape, _ = example["objects"][example["target_index"] if described is None else described]
+    return f"<think>{color} {shape}</think><answer>{example['solution']}</answer>"
 
 
 class SyntheticGroundedVQA:
