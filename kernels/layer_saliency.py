@@ -3,14 +3,17 @@
 Nothing of size ``[T, N]``, ``[A, T]`` or ``[A, N, V]`` touches global memory: every probability is recomputed
 in registers, tile by tile, from the queries, the keys and the row's log-sum-exp,
 
-    alpha(j -> m) = exp(s * q_j . k_m - lse_j) = exp2(s * log2(e) * q_j . k_m - log2(e) * lse_j),
+    alpha(j -> m) = exp(s * q_j . k_m - lse_j) = exp2(log2(e) * (s * q_j . k_m - lse_j)).
+
+The exponent is formed before the change of base (flash attention folds log2(e) into the scale instead):
+the rounding of ``log2(e) * x`` then scales with the small ``|x|`` of the probabilities that matter, not
+with the score's magnitude, which keeps fp32 results within the reference's error.
 
 and only the ``[B, A, N]`` result is written.
 """
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -19,7 +22,6 @@ import triton.language as tl
 
 _PATHS = ("cot", "direct", "both")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_LOG2E = math.log2(math.e)
 
 # One program per (tile of image tokens, tile of answer rows, rollout), looping over every head inside.
 # Why not one program per head: the sum over heads then stays in registers, the output is written once
@@ -59,7 +61,7 @@ def _layer_saliency_kernel(
         stride_ua_b, stride_ua_h, stride_ua_a, stride_ua_d,
         stride_len_b, stride_len_j,
         stride_o_b, stride_o_a, stride_o_n,
-        heads, groups, head_size, a_max, n_max, scale_log2,
+        heads, groups, head_size, a_max, n_max, scale,
         COT: tl.constexpr, DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDEN: tl.constexpr,
         BLOCK_A: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -88,7 +90,7 @@ def _layer_saliency_kernel(
                        + offs_d[None, :] * stride_qa_d)
             q_a = tl.load(qa_ptrs, mask=mask_a[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_A, BLOCK_D]
             lse_a = tl.load(lse_answer_ptr + b * stride_la_b + h * stride_la_h + offs_a * stride_la_a,
-                            mask=mask_a, other=0.0).to(tl.float32) * log2e
+                            mask=mask_a, other=0.0).to(tl.float32)
             weight = tl.zeros((BLOCK_A, BLOCK_N), dtype=tl.float32)
             if COT:
                 for t0 in range(0, t_b, BLOCK_T):
@@ -101,19 +103,19 @@ def _layer_saliency_kernel(
                                + offs_d[None, :] * stride_qt_d)
                     q_t = tl.load(qt_ptrs, mask=mask_t[:, None] & mask_d[None, :], other=0.0)
                     lse_t = tl.load(lse_think_ptr + b * stride_lt_b + h * stride_lt_h + offs_t * stride_lt_t,
-                                    mask=mask_t, other=0.0).to(tl.float32) * log2e
+                                    mask=mask_t, other=0.0).to(tl.float32)
                     # alpha(a -> t) [BLOCK_A, BLOCK_T]: the padded think columns must be exactly 0.
                     s_at = _dot(q_a, tl.trans(k_t), None, DOT_PRECISION, WIDEN)
-                    p_at = tl.where(mask_t[None, :], tl.exp2(s_at * scale_log2 - lse_a[:, None]), 0.0)
+                    p_at = tl.where(mask_t[None, :], tl.exp2((s_at * scale - lse_a[:, None]) * log2e), 0.0)
                     # alpha(t -> i) [BLOCK_T, BLOCK_N]; padded rows meet zero columns of p_at.
                     s_ti = _dot(q_t, tl.trans(k_i), None, DOT_PRECISION, WIDEN)
-                    p_ti = tl.exp2(s_ti * scale_log2 - lse_t[:, None])
+                    p_ti = tl.exp2((s_ti * scale - lse_t[:, None]) * log2e)
                     # Probabilities enter the tensor cores in the input dtype (as flash attention's P @ V
                     # does) and accumulate in fp32.
                     weight = _dot(p_at.to(k_t.dtype), p_ti.to(k_t.dtype), weight, DOT_PRECISION, WIDEN)
             if DIRECT:
                 s_ai = _dot(q_a, tl.trans(k_i), None, DOT_PRECISION, WIDEN)
-                weight += tl.exp2(s_ai * scale_log2 - lse_a[:, None])
+                weight += tl.exp2((s_ai * scale - lse_a[:, None]) * log2e)
             # <v_i, W_O^T g_a> [BLOCK_A, BLOCK_N]: loaded after the think loop to keep registers free inside it.
             vi_ptrs = (v_image_ptr + b * stride_vi_b + kv * stride_vi_h + offs_n[:, None] * stride_vi_n
                        + offs_d[None, :] * stride_vi_d)
@@ -231,7 +233,7 @@ def layer_saliency_triton(q_think: torch.Tensor, lse_think: torch.Tensor, q_answ
         q_think, lse_think, q_answer, lse_answer, k_think, k_image, v_image, u_answer, lengths, out,
         *q_think.stride(), *lse_think.stride(), *q_answer.stride(), *lse_answer.stride(), *k_think.stride(),
         *k_image.stride(), *v_image.stride(), *u_answer.stride(), *lengths.stride(), *out.stride(),
-        heads, heads // kv_heads, head_size, answers, image, float(scale) * _LOG2E,
+        heads, heads // kv_heads, head_size, answers, image, float(scale),
         COT=path in ("cot", "both"), DIRECT=path in ("direct", "both"),
         # fp32 inputs: exact fp32 products (TF32 would cost ~1e-3 relative error); others: tensor-core default.
         DOT_PRECISION="ieee" if q_answer.dtype == torch.float32 else "tf32",
