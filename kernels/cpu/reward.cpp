@@ -166,29 +166,39 @@ double score(const std::vector<double>& g, int64_t h, int64_t w, int64_t H, int6
 
 at::Tensor reward_cpu(const at::Tensor& maps, const at::Tensor& map_sizes, const at::Tensor& image_sizes,
                       const at::Tensor& boxes, const at::Tensor& box_counts, const at::Tensor& valid) {
-  TORCH_CHECK(maps.dim() == 3 && at::isFloatingType(maps.scalar_type()),
-              "reward: maps must be a float32/float64/bfloat16/float16 tensor of shape [B, h_max, w_max], got ",
-              describe(maps));
+  // Wrong dtypes raise TypeError in Python, wrong shapes and values ValueError (as the Triton launcher does).
+  TORCH_CHECK_TYPE(at::isFloatingType(maps.scalar_type()),
+                   "reward: maps must be a float32/float64/bfloat16/float16 tensor of shape [B, h_max, w_max], got ",
+                   describe(maps));
+  TORCH_CHECK_VALUE(maps.dim() == 3, "reward: maps must have shape [B, h_max, w_max], got ", describe(maps));
   const int64_t B = maps.size(0), h_max = maps.size(1), w_max = maps.size(2);
-  TORCH_CHECK(map_sizes.dim() == 2 && is_index_dtype(map_sizes) && map_sizes.size(0) == B &&
-                  map_sizes.size(1) == 2,
-              "reward: map_sizes must be an int32/int64 tensor of shape [B, 2] = (h', w') with B = ", B,
-              " (the batch size of maps), got ", describe(map_sizes));
-  TORCH_CHECK(image_sizes.dim() == 2 && is_index_dtype(image_sizes) && image_sizes.size(0) == B &&
-                  image_sizes.size(1) == 2,
-              "reward: image_sizes must be an int32/int64 tensor of shape [B, 2] = (H, W) with B = ", B,
-              " (the batch size of maps), got ", describe(image_sizes));
-  TORCH_CHECK(boxes.dim() == 3 && is_index_dtype(boxes) && boxes.size(0) == B && boxes.size(2) == 4,
-              "reward: boxes must be an int32/int64 tensor of shape [B, K_max, 4] = (x_lo, y_lo, x_hi, y_hi) "
-              "with B = ", B, " (the batch size of maps), got ", describe(boxes));
-  TORCH_CHECK(box_counts.dim() == 1 && is_index_dtype(box_counts) && box_counts.size(0) == B,
-              "reward: box_counts must be an int32/int64 tensor of shape [B] with B = ", B,
-              " (the batch size of maps), got ", describe(box_counts));
-  TORCH_CHECK(valid.dim() == 1 && at::isFloatingType(valid.scalar_type()) && valid.size(0) == B,
-              "reward: valid must be a floating-point tensor of shape [B] with B = ", B,
-              " (the batch size of maps), got ", describe(valid));
+  const struct {
+    const char* name;
+    const at::Tensor& t;
+    const char* layout;
+    std::vector<int64_t> shape;  // -1: any size
+  } args[] = {{"map_sizes", map_sizes, "[B, 2] = (h', w')", {B, 2}},
+              {"image_sizes", image_sizes, "[B, 2] = (H, W)", {B, 2}},
+              {"boxes", boxes, "[B, K_max, 4] = (x_lo, y_lo, x_hi, y_hi)", {B, -1, 4}},
+              {"box_counts", box_counts, "[B]", {B}},
+              {"valid", valid, "[B]", {B}}};
+  for (const auto& arg : args) {
+    if (std::string(arg.name) == "valid") {
+      TORCH_CHECK_TYPE(at::isFloatingType(arg.t.scalar_type()),
+                       "reward: valid must be a floating-point tensor of shape [B], got ", describe(arg.t));
+    } else {
+      TORCH_CHECK_TYPE(is_index_dtype(arg.t), "reward: ", arg.name, " must be an int32/int64 tensor of shape ",
+                       arg.layout, ", got ", describe(arg.t));
+    }
+    bool fits = arg.t.dim() == int64_t(arg.shape.size());
+    for (size_t i = 0; fits && i < arg.shape.size(); ++i) {
+      fits = arg.shape[i] < 0 || arg.t.size(i) == arg.shape[i];
+    }
+    TORCH_CHECK_VALUE(fits, "reward: ", arg.name, " must have shape ", arg.layout, " with B = ", B,
+                      " (the batch size of maps), got ", describe(arg.t));
+  }
   for (const at::Tensor* t : {&maps, &map_sizes, &image_sizes, &boxes, &box_counts, &valid}) {
-    TORCH_CHECK(t->device().is_cpu(), "reward: the CPU kernel needs every argument on the CPU, got ",
+    TORCH_CHECK_VALUE(t->device().is_cpu(), "reward: the CPU kernel needs every argument on the CPU, got ",
                 describe(*t), " beside maps ", describe(maps));
   }
 
@@ -204,19 +214,19 @@ at::Tensor reward_cpu(const at::Tensor& maps, const at::Tensor& map_sizes, const
   std::vector<std::vector<Box>> rollout_boxes(B);
   for (int64_t b = 0; b < B; ++b) {
     const int64_t h = msp[2 * b], w = msp[2 * b + 1], H = isp[2 * b], W = isp[2 * b + 1];
-    TORCH_CHECK(h > 0 && w > 0, "reward: map_sizes[", b, "] = (", h, ", ", w, ") must be positive");
-    TORCH_CHECK(h <= h_max && w <= w_max, "reward: map_sizes[", b, "] = (", h, ", ", w,
+    TORCH_CHECK_VALUE(h > 0 && w > 0, "reward: map_sizes[", b, "] = (", h, ", ", w, ") must be positive");
+    TORCH_CHECK_VALUE(h <= h_max && w <= w_max, "reward: map_sizes[", b, "] = (", h, ", ", w,
                 ") is larger than the padded maps tensor of shape ", maps.sizes());
-    TORCH_CHECK(H > 0 && W > 0, "reward: image_sizes[", b, "] = (", H, ", ", W, ") must be positive");
+    TORCH_CHECK_VALUE(H > 0 && W > 0, "reward: image_sizes[", b, "] = (", H, ", ", W, ") must be positive");
     const int64_t count = bcp[b];
-    TORCH_CHECK(count >= 0 && count <= K_max, "reward: box_counts[", b, "] = ", count,
+    TORCH_CHECK_VALUE(count >= 0 && count <= K_max, "reward: box_counts[", b, "] = ", count,
                 " must lie in [0, K_max = ", K_max, "] (boxes has shape ", boxes.sizes(), ")");
-    TORCH_CHECK(std::isfinite(vdp[b]), "reward: valid[", b, "] = ", vdp[b], " is not finite");
+    TORCH_CHECK_VALUE(std::isfinite(vdp[b]), "reward: valid[", b, "] = ", vdp[b], " is not finite");
     for (int64_t k = 0; k < count; ++k) {
       const int64_t* q = bxp + (b * K_max + k) * 4;
-      TORCH_CHECK(q[2] >= q[0], "reward: boxes[", b, ", ", k, "] = (", q[0], ", ", q[1], ", ", q[2], ", ", q[3],
+      TORCH_CHECK_VALUE(q[2] >= q[0], "reward: boxes[", b, ", ", k, "] = (", q[0], ", ", q[1], ", ", q[2], ", ", q[3],
                   ") has x_hi < x_lo");
-      TORCH_CHECK(q[3] >= q[1], "reward: boxes[", b, ", ", k, "] = (", q[0], ", ", q[1], ", ", q[2], ", ", q[3],
+      TORCH_CHECK_VALUE(q[3] >= q[1], "reward: boxes[", b, ", ", k, "] = (", q[0], ", ", q[1], ", ", q[2], ", ", q[3],
                   ") has y_hi < y_lo");
       // Clamp to the image; a box wholly off it is empty and dropped.
       const Box c{std::max<int64_t>(q[0], 0), std::max<int64_t>(q[1], 0), std::min(q[2], W - 1),
@@ -253,7 +263,7 @@ at::Tensor reward_cpu(const at::Tensor& maps, const at::Tensor& map_sizes, const
     });
   });
   for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(finite[b], "reward: maps[", b, "] holds NaN or inf inside its map_sizes[", b, "] = (", msp[2 * b],
+    TORCH_CHECK_VALUE(finite[b], "reward: maps[", b, "] holds NaN or inf inside its map_sizes[", b, "] = (", msp[2 * b],
                 ", ", msp[2 * b + 1], ") region");
   }
   return out;

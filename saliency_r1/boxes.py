@@ -1,0 +1,218 @@
+"""Boxes in the data's normalised form, converted and packed for ``saliency_r1.ops.reward``.
+
+The Saliency-R1 data gives each evidence box as ``[x1, y1, x2, y2]`` in ``[0, 1]`` (fractions of the
+image width and height), often as a string such as ``"[0.12,0.30,0.55,0.81]"``. The op takes inclusive
+integer pixel ranges; SPEC.md section 4 fixes the conversion for an ``H x W`` image:
+
+    x_lo = floor(W * x1),  y_lo = floor(H * y1),  x_hi = floor(W * x2),  y_hi = floor(H * y2)
+
+(the public code scales ``y1`` by the width: a bug, not followed here). Values outside ``[0, 1]`` are
+accepted; the op clamps boxes to the image.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+from collections.abc import Sequence
+
+import torch
+
+from saliency_r1.ops import reward
+
+Box = tuple[float, float, float, float]
+PixelBox = tuple[int, int, int, int]
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _literal(text: str):
+    try:
+        return ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+        raise ValueError(f"box string {text!r} is not a list of numbers such as '[0.12,0.30,0.55,0.81]'") from None
+
+
+def parse_box(box) -> Box:
+    """One normalised box ``[x1, y1, x2, y2]`` from a string, list or tuple of four numbers.
+
+    Raises:
+        ValueError: not four numbers, a NaN or infinite value, ``x2 < x1`` or ``y2 < y1``.
+
+    >>> parse_box("[0.12,0.30,0.55,0.81]")
+    (0.12, 0.3, 0.55, 0.81)
+    >>> parse_box((0, 0, 1, 1))
+    (0.0, 0.0, 1.0, 1.0)
+    >>> parse_box("[0.5, 0.2, 0.1, 0.9]")
+    Traceback (most recent call last):
+    ...
+    ValueError: box [0.5, 0.2, 0.1, 0.9] has x2 < x1 (need x1 <= x2 and y1 <= y2)
+    """
+    value = _literal(box) if isinstance(box, str) else box
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)) or len(value) != 4 or not all(_is_number(v) for v in value):
+        raise ValueError(f"a box must be four numbers [x1, y1, x2, y2], got {box!r}")
+    x1, y1, x2, y2 = (float(v) for v in value)
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+        raise ValueError(f"box {list(value)} holds a NaN or infinite value")
+    if x2 < x1:
+        raise ValueError(f"box {list(value)} has x2 < x1 (need x1 <= x2 and y1 <= y2)")
+    if y2 < y1:
+        raise ValueError(f"box {list(value)} has y2 < y1 (need x1 <= x2 and y1 <= y2)")
+    return x1, y1, x2, y2
+
+
+def parse_boxes(boxes) -> list[Box]:
+    """One box or a list of boxes, in any form :func:`parse_box` takes, as a list of boxes.
+
+    A string may hold one box or a list of them; a list may hold numbers (one box) or boxes. An empty
+    list means no box (the reward is then 0).
+
+    >>> parse_boxes("[0.1,0.2,0.5,0.6]")
+    [(0.1, 0.2, 0.5, 0.6)]
+    >>> parse_boxes(["[0,0,0.5,0.5]", [0.5, 0.5, 1, 1]])
+    [(0.0, 0.0, 0.5, 0.5), (0.5, 0.5, 1.0, 1.0)]
+    >>> parse_boxes("[[0,0,0.5,0.5],[0.5,0.5,1,1]]")
+    [(0.0, 0.0, 0.5, 0.5), (0.5, 0.5, 1.0, 1.0)]
+    """
+    value = _literal(boxes) if isinstance(boxes, str) else boxes
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"boxes must be a box or a list of boxes, got {boxes!r}")
+    if value and all(_is_number(v) for v in value):
+        return [parse_box(value)]
+    return [parse_box(box) for box in value]
+
+
+def to_pixel_box(box, image_size: tuple[int, int]) -> PixelBox:
+    """A normalised box as the inclusive pixel ranges ``(x_lo, y_lo, x_hi, y_hi)`` of an ``(H, W)`` image.
+
+    >>> to_pixel_box("[0.12,0.30,0.55,0.81]", (100, 200))
+    (24, 30, 110, 81)
+    >>> to_pixel_box([0, 0, 1, 1], (100, 200))  # x_hi = W lies past the image; the op clamps it
+    (0, 0, 200, 100)
+    """
+    x1, y1, x2, y2 = parse_box(box)
+    height, width = _image_size(image_size, "image_size")
+    return math.floor(width * x1), math.floor(height * y1), math.floor(width * x2), math.floor(height * y2)
+
+
+def _image_size(size, name: str) -> tuple[int, int]:
+    if isinstance(size, torch.Tensor):
+        size = size.tolist()
+    if not isinstance(size, (list, tuple)) or len(size) != 2 or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in size):
+        raise ValueError(f"{name} must be (H, W), two integers, got {size!r}")
+    if size[0] <= 0 or size[1] <= 0:
+        raise ValueError(f"{name} = {tuple(size)} must be positive")
+    return size[0], size[1]
+
+
+def pack_boxes(boxes: Sequence, image_sizes: Sequence, device: torch.device | str | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each rollout's normalised boxes as pixel boxes, padded into the op's ``boxes`` and ``box_counts``.
+
+    Args:
+        boxes: ``B`` entries, each one box or a list of boxes in any form :func:`parse_boxes` takes.
+        image_sizes: ``B`` pairs ``(H, W)``.
+        device: where the tensors go (default: CPU).
+
+    Returns:
+        ``boxes`` int64 ``[B, K_max, 4]`` (``K_max`` the most boxes of any rollout, unused rows 0) and
+        ``box_counts`` int64 ``[B]``.
+
+    >>> pixel, counts = pack_boxes(["[0,0,0.5,0.5]", ["[0,0,0.1,0.1]", [0.5, 0.5, 1, 1]]], [(10, 10), (20, 40)])
+    >>> pixel.tolist(), counts.tolist()
+    ([[[0, 0, 5, 5], [0, 0, 0, 0]], [[0, 0, 4, 2], [20, 10, 40, 20]]], [1, 2])
+    """
+    if len(boxes) != len(image_sizes):
+        raise ValueError(f"boxes has {len(boxes)} entries but image_sizes has {len(image_sizes)}")
+    pixel = [[to_pixel_box(box, _image_size(size, f"image_sizes[{b}]")) for box in parse_boxes(entry)]
+             for b, (entry, size) in enumerate(zip(boxes, image_sizes))]
+    k_max = max((len(p) for p in pixel), default=0)
+    packed = torch.zeros(len(pixel), k_max, 4, dtype=torch.int64)
+    for b, rows in enumerate(pixel):
+        if rows:
+            packed[b, : len(rows)] = torch.tensor(rows, dtype=torch.int64)
+    counts = torch.tensor([len(p) for p in pixel], dtype=torch.int64)
+    return packed.to(device), counts.to(device)
+
+
+def pack_maps(maps: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Maps of different sizes, zero-padded into the op's ``maps`` and ``map_sizes``.
+
+    Args:
+        maps: ``B`` tensors ``[h'_b, w'_b]`` on one device (their dtypes are promoted to a common one).
+
+    Returns:
+        ``maps`` ``[B, max h', max w']`` and ``map_sizes`` int64 ``[B, 2]``, on the maps' device.
+
+    >>> packed, sizes = pack_maps([torch.ones(2, 3), torch.ones(1, 1)])
+    >>> packed.shape, sizes.tolist()
+    (torch.Size([2, 2, 3]), [[2, 3], [1, 1]])
+    """
+    if len(maps) == 0:
+        raise ValueError("maps is empty: need at least one [h', w'] map")
+    grids = [torch.as_tensor(m) for m in maps]
+    for b, grid in enumerate(grids):
+        if grid.dim() != 2 or grid.numel() == 0:
+            raise ValueError(f"maps[{b}] must be a non-empty [h', w'] map, got shape {tuple(grid.shape)}")
+        if not grid.dtype.is_floating_point:
+            raise TypeError(f"maps[{b}] must be floating point, got {grid.dtype}")
+        if grid.device != grids[0].device:
+            raise ValueError(f"maps[{b}] is on {grid.device}, maps[0] on {grids[0].device}: put them on one device")
+    dtype = grids[0].dtype
+    for grid in grids[1:]:
+        dtype = torch.promote_types(dtype, grid.dtype)
+    h_max = max(g.shape[0] for g in grids)
+    w_max = max(g.shape[1] for g in grids)
+    packed = grids[0].new_zeros(len(grids), h_max, w_max, dtype=dtype)
+    for b, grid in enumerate(grids):
+        packed[b, : grid.shape[0], : grid.shape[1]] = grid
+    sizes = torch.tensor([list(g.shape) for g in grids], dtype=torch.int64, device=packed.device)
+    return packed, sizes
+
+
+def saliency_reward(maps: Sequence[torch.Tensor], boxes: Sequence, image_sizes: Sequence,
+                    valid: Sequence[float] | torch.Tensor | None = None) -> torch.Tensor:
+    """The saliency reward of ``B`` rollouts from their maps and normalised boxes (SPEC.md section 4).
+
+    Args:
+        maps: ``B`` raw saliency maps ``[h'_b, w'_b]`` (relu is applied inside), on one device.
+        boxes: ``B`` entries, each one normalised box or a list of them (strings such as
+            ``"[0.12,0.30,0.55,0.81]"``, or lists/tuples of four numbers).
+        image_sizes: ``B`` pairs ``(H, W)`` in pixels.
+        valid: ``B`` format validities (multipliers, usually 0 or 1); default all 1.
+
+    Returns:
+        float32 ``[B]`` on the maps' device: ``valid * mass of the upsampled map inside the union of
+        the boxes / total mass``, 0 where the mass is 0 or there is no box.
+
+    >>> grid = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
+    >>> saliency_reward([grid], ["[0.5,0.0,1.0,1.0]"], [(4, 4)]).tolist()
+    [0.875]
+    >>> saliency_reward([grid, grid], ["[0.0,0.0,0.4,1.0]", []], [(4, 4), (4, 4)], valid=[1.0, 1.0]).tolist()
+    [0.125, 0.0]
+    """
+    packed, map_sizes = pack_maps(maps)
+    if len(boxes) != len(maps) or len(image_sizes) != len(maps):
+        raise ValueError(f"maps, boxes and image_sizes must have one entry per rollout, got {len(maps)}, "
+                         f"{len(boxes)} and {len(image_sizes)}")
+    device = packed.device
+    pixel, counts = pack_boxes(boxes, image_sizes, device)
+    sizes = torch.tensor([list(_image_size(s, f"image_sizes[{b}]")) for b, s in enumerate(image_sizes)],
+                         dtype=torch.int64, device=device)
+    if valid is None:
+        valid_t = torch.ones(len(maps), dtype=torch.float32, device=device)
+    else:
+        valid_t = torch.as_tensor(valid, dtype=torch.float32).to(device)
+        if valid_t.shape != (len(maps),):
+            raise ValueError(f"valid must hold one value per rollout ({len(maps)}), got shape {tuple(valid_t.shape)}")
+    return reward(packed, map_sizes, sizes, pixel, counts, valid_t)
+
+
+__all__ = ["pack_boxes", "pack_maps", "parse_box", "parse_boxes", "saliency_reward", "to_pixel_box"]
