@@ -1,0 +1,224 @@
+"""The model adapter interface: what the capture and the saliency computation need to know about a VLM family.
+
+An adapter answers, for one loaded model: which token id marks image tokens (and so where they sit in
+a sequence), each image's merged grid ``(h', w')`` from ``image_grid_thw``, the language model's
+attention modules and their output projections ``W_O``, the final norm (``gamma`` and its epsilon),
+the unembedding ``W_U`` (tied to the input embedding or not), the head counts and head size, and the
+language layers where image features enter the residual stream besides the image tokens' embeddings.
+
+Qwen-family models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) share one layout, implemented by
+:class:`QwenVLAdapter`; a family with that layout needs only ``model_types`` (and whatever differs),
+a family with another layout implements :class:`ModelAdapter`'s abstract members. Either way, one file
+in ``saliency_r1/adapters`` that subclasses one of these registers itself with :func:`register_adapter`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+
+class ModelAdapter(ABC):
+    """What the saliency machinery needs from a vision-language model, independent of its family.
+
+    Subclasses set ``model_types`` (the ``config.model_type`` values they serve) and implement the
+    abstract members. Every tensor returned is a view of the model's own parameters (no copies).
+    """
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    # ------------------------------------------------------------------ language model structure
+
+    @property
+    @abstractmethod
+    def text_model(self) -> nn.Module:
+        """The language model (decoder stack) whose attention is captured; its ``config`` selects the attention."""
+
+    @property
+    @abstractmethod
+    def attention_modules(self) -> list[nn.Module]:
+        """The self-attention module of each language layer, in layer order."""
+
+    @abstractmethod
+    def o_proj_weight(self, layer: int) -> torch.Tensor:
+        """``W_O`` of language layer ``layer``: ``[D, H * d]`` (the ``nn.Linear`` weight of ``o_proj``)."""
+
+    @property
+    @abstractmethod
+    def final_norm(self) -> nn.Module:
+        """The RMSNorm applied to the residual stream before the head."""
+
+    @property
+    @abstractmethod
+    def norm_weight(self) -> torch.Tensor:
+        """``gamma`` of the final norm: ``[D]``."""
+
+    @property
+    @abstractmethod
+    def norm_eps(self) -> float:
+        """Epsilon added to the mean square inside the final norm."""
+
+    @property
+    @abstractmethod
+    def unembedding(self) -> torch.Tensor:
+        """``W_U``: ``[V, D]`` (the head's weight, which is the input embedding when they are tied)."""
+
+    @property
+    @abstractmethod
+    def num_heads(self) -> int:
+        """Query heads ``H`` per language layer."""
+
+    @property
+    @abstractmethod
+    def num_kv_heads(self) -> int:
+        """Key/value heads ``H_kv`` per language layer."""
+
+    @property
+    @abstractmethod
+    def head_dim(self) -> int:
+        """Head size ``d``."""
+
+    @property
+    def num_layers(self) -> int:
+        """Number of language layers ``L``."""
+        return len(self.attention_modules)
+
+    @property
+    def scale(self) -> float:
+        """Softmax scale ``s`` of the language attention (``d ** -0.5`` unless the module says otherwise)."""
+        return float(getattr(self.attention_modules[0], "scaling", self.head_dim ** -0.5))
+
+    # ------------------------------------------------------------------ images
+
+    @property
+    @abstractmethod
+    def image_token_id(self) -> int:
+        """Token id of the placeholder tokens that carry image features."""
+
+    @property
+    @abstractmethod
+    def merge_size(self) -> int:
+        """Patches merged per side into one image token (2 for the Qwen families)."""
+
+    @property
+    @abstractmethod
+    def patch_size(self) -> int:
+        """Patch side in pixels of the vision tower (14 for Qwen2/2.5-VL, 16 for Qwen3-VL)."""
+
+    @property
+    def deepstack_layers(self) -> tuple[int, ...]:
+        """Language layers after which image features are added again at the image positions (Qwen3-VL's
+        "deepstack"); empty when image information enters only through the image tokens' embeddings.
+
+        The saliency follows attention from the image positions, so features added there are part of the
+        values it reads in later layers; this property tells a caller where else they come in.
+        """
+        return ()
+
+    def image_positions(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
+        """Positions of the image tokens in each row of ``input_ids`` (``[B, P]``): a list of ``B`` int64
+        tensors, in sequence order (all images of the row, one after another, each in raster order)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, P], got shape {tuple(input_ids.shape)}")
+        mask = input_ids == self.image_token_id
+        return [row.nonzero().flatten() for row in mask]
+
+    def image_grids(self, image_grid_thw: torch.Tensor) -> list[tuple[int, int]]:
+        """Each image's merged token grid ``(h', w')`` from ``image_grid_thw`` (``[num_images, 3]``, patch
+        counts ``(t, h, w)``); an image contributes ``t * h' * w'`` tokens (``t = 1`` for still images)."""
+        if image_grid_thw.dim() != 2 or image_grid_thw.shape[1] != 3:
+            raise ValueError(f"image_grid_thw must be [num_images, 3], got shape {tuple(image_grid_thw.shape)}")
+        m = self.merge_size
+        grids = []
+        for t, h, w in image_grid_thw.tolist():
+            if t != 1:
+                raise ValueError(f"image_grid_thw row {(t, h, w)}: only still images (t == 1) have one map")
+            grids.append((h // m, w // m))
+        return grids
+
+
+class QwenVLAdapter(ModelAdapter):
+    """The layout shared by Qwen2-VL, Qwen2.5-VL and Qwen3-VL ``...ForConditionalGeneration`` models:
+    ``model.model.language_model`` (layers with ``self_attn.o_proj``, final ``norm``), ``model.lm_head``,
+    ``config.image_token_id`` and ``config.vision_config.{patch_size, spatial_merge_size}``."""
+
+    @property
+    def text_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def attention_modules(self) -> list[nn.Module]:
+        return [layer.self_attn for layer in self.text_model.layers]
+
+    def o_proj_weight(self, layer: int) -> torch.Tensor:
+        return self.attention_modules[layer].o_proj.weight
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.text_model.norm
+
+    @property
+    def norm_weight(self) -> torch.Tensor:
+        return self.final_norm.weight
+
+    @property
+    def norm_eps(self) -> float:
+        norm = self.final_norm
+        return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+
+    @property
+    def unembedding(self) -> torch.Tensor:
+        # With tied embeddings the head's weight is the embedding matrix itself; either way it is [V, D].
+        return self.model.get_output_embeddings().weight
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.attention_modules[0].config.num_attention_heads)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return int(self.attention_modules[0].config.num_key_value_heads)
+
+    @property
+    def head_dim(self) -> int:
+        return int(self.attention_modules[0].head_dim)
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    @property
+    def merge_size(self) -> int:
+        return int(self.model.config.vision_config.spatial_merge_size)
+
+    @property
+    def patch_size(self) -> int:
+        patch = self.model.config.vision_config.patch_size
+        return int(patch[0] if isinstance(patch, (list, tuple)) else patch)
+
+
+_ADAPTERS: dict[str, type[ModelAdapter]] = {}
+
+
+def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
+    """Class decorator: serve ``cls.model_types`` with ``cls`` in :func:`get_adapter`."""
+    if not cls.model_types:
+        raise ValueError(f"{cls.__name__}.model_types is empty: name the config.model_type values it serves")
+    for model_type in cls.model_types:
+        _ADAPTERS[model_type] = cls
+    return cls
+
+
+def get_adapter(model: nn.Module) -> ModelAdapter:
+    """The adapter for ``model``, chosen by ``model.config.model_type``."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in _ADAPTERS:
+        raise ValueError(f"no saliency adapter for model_type {model_type!r}; known: {sorted(_ADAPTERS)}. "
+                         "Add one file to saliency_r1/adapters (see saliency_r1/adapters/base.py).")
+    return _ADAPTERS[model_type](model)
