@@ -158,8 +158,10 @@ def _reward_kernel(
 
     cols = tl.arange(0, BLOCK_W)
     col_mask = cols < w_ok
-    n_cols = w_ok.to(tl.float32)
-    n_rows = h_ok.to(tl.float32)
+    # At least 1: with an empty padded tensor (h_max or w_max 0, reported through the status) nothing
+    # is loaded, and the weights must not divide by zero.
+    n_cols = tl.maximum(w_ok, 1).to(tl.float32)
+    n_rows = tl.maximum(h_ok, 1).to(tl.float32)
     width = img_w_ok.to(tl.float32)
     height = img_h_ok.to(tl.float32)
     fx_full = _prefix(width, cols, n_cols, width)
