@@ -21,6 +21,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from saliency_r1.explain import Explanation, explain, generate_with_saliency, saliency_for_completions
 from saliency_r1.tiny import build_tiny_model, build_tiny_processor
+from test_adapters import family_model, family_processor
 
 RTOL = 1e-5
 
@@ -101,7 +102,8 @@ def _brute_force(model, processor, inputs, row, completion, think, answer):
     P = prompt.numel()
     # This row's images are the ones after those of the rows above it, in image_grid_thw's order.
     grid = inputs["image_grid_thw"]
-    tokens_per_image = [int(g.prod()) // 4 for g in grid]
+    merge = model.config.vision_config.spatial_merge_size
+    tokens_per_image = [int(g.prod()) // merge ** 2 for g in grid]
     before = int((inputs["input_ids"][:row] == model.config.image_token_id).sum())
     first = 0
     while before > 0:
@@ -134,7 +136,7 @@ def _brute_force(model, processor, inputs, row, completion, think, answer):
             hook.remove()
     cfg = model.config.text_config
     H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
-    d = cfg.hidden_size // H
+    d = text.layers[0].self_attn.head_dim
     image_pos = (prompt == model.config.image_token_id).nonzero().flatten()
     think_pos = [P + k for k in think]
     x = residual["x"][0]
@@ -168,7 +170,7 @@ def _brute_force(model, processor, inputs, row, completion, think, answer):
             for m, t in enumerate(think_pos):
                 think_image[m] += attn[h, t, image_pos]
                 think_logit[m] += attn[h, t, image_pos] * (contrib @ g(t, completion[think[m] + 1]))
-    sizes = [(int(grid[i][1]) // 2, int(grid[i][2]) // 2) for i in range(first, last)]
+    sizes = [(int(grid[i][1]) // merge, int(grid[i][2]) // merge) for i in range(first, last)]
     return dict(cot=cot, direct=direct, think_image=think_image, think_logit=think_logit,
                 answer_think=answer_think, sizes=sizes)
 
@@ -185,8 +187,11 @@ def _close(actual, expected, scale):
     torch.testing.assert_close(actual, expected, rtol=RTOL, atol=RTOL * scale)
 
 
-@pytest.mark.parametrize("path", ["cot", "both"])
-def test_maps_equal_brute_force(processor, model64, path):
+@pytest.mark.parametrize("family,path", [("qwen2_5_vl", "cot"), ("qwen2_5_vl", "both"), ("qwen2_vl", "both"),
+                                         ("qwen3_vl", "both")])
+def test_maps_equal_brute_force(family, path):
+    processor = family_processor(family)
+    model64 = family_model(processor, family, dtype=torch.float64, seed=1)
     inputs, completions = _rollouts(processor)
     result = saliency_for_completions(model64, processor, inputs, [c[0] for c in completions], path=path,
                                       details=True)
