@@ -7,10 +7,10 @@ Both read one saliency map per sample (``[h', w']``, raw: ``relu`` is applied he
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
+
+from saliency_r1.boxes import parse_boxes, to_pixel_box
 
 
 def pixel_boxes(boxes, height: int, width: int) -> list[tuple[int, int, int, int]]:
@@ -20,9 +20,10 @@ def pixel_boxes(boxes, height: int, width: int) -> list[tuple[int, int, int, int
     [(5, 20, 25, 99)]
     """
     out = []
-    for x1, y1, x2, y2 in boxes:
-        out.append((min(max(math.floor(width * x1), 0), width - 1), min(max(math.floor(height * y1), 0), height - 1),
-                    min(max(math.floor(width * x2), 0), width - 1), min(max(math.floor(height * y2), 0), height - 1)))
+    for box in parse_boxes(boxes):
+        x_lo, y_lo, x_hi, y_hi = to_pixel_box(box, (height, width))
+        out.append((min(max(x_lo, 0), width - 1), min(max(y_lo, 0), height - 1),
+                    min(max(x_hi, 0), width - 1), min(max(y_hi, 0), height - 1)))
     return out
 
 

@@ -51,8 +51,8 @@ def test_synthetic_rejects_bad_config():
 
 
 @pytest.mark.parametrize("bad, message", [
-    ("[0.1, 0.2, 0.5]", "four numbers"), ("[0.1, 0.2, 1.5, 0.6]", "outside"), ("[0.5, 0.2, 0.1, 0.6]", "empty"),
-    ("not a box", "JSON"), ("[]", "non-empty"),
+    ("[0.1, 0.2, 0.5]", "four numbers"), ("[0.1, 0.2, 1.5, 0.6]", "outside"), ("[0.5, 0.2, 0.1, 0.6]", "x2 < x1"),
+    ("not a box", "list of numbers"), ("[]", "no box"), ("[0.1, 0.2, 0.1, 0.6]", "empty"),
 ])
 def test_parse_boxes_names_the_problem(bad, message):
     with pytest.raises(ValueError, match=message):

@@ -23,42 +23,33 @@ from pathlib import Path
 
 from PIL import Image
 
+from saliency_r1.boxes import parse_boxes
+
 logger = logging.getLogger(__name__)
 
 REQUIRED = ("image", "problem", "solution", "bbox")
 
 
 def parse_normalised_boxes(value) -> list[list[float]]:
-    """One box or a list of boxes, normalised, as a list of ``[x1, y1, x2, y2]``.
+    """One box or a list of boxes, normalised, as a list of ``[x1, y1, x2, y2]``, validated as data.
 
-    Raises ``ValueError`` naming the problem: not four numbers, outside ``[0, 1]``, or empty
-    (``x2 <= x1`` or ``y2 <= y1``).
+    Parsing is :func:`saliency_r1.boxes.parse_boxes`'s; a data record is stricter than the reward
+    (which clamps): ``ValueError`` also for no box, values outside ``[0, 1]``, or an empty box.
 
     >>> parse_normalised_boxes("[0.1, 0.2, 0.5, 0.6]")
     [[0.1, 0.2, 0.5, 0.6]]
     >>> parse_normalised_boxes([[0, 0, 0.5, 0.5], [0.5, 0.5, 1, 1]])
     [[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]]
     """
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"bbox {value!r} is not a JSON list: {error}") from None
-    if not isinstance(value, (list, tuple)) or not value:
-        raise ValueError(f"bbox must be a non-empty list, got {value!r}")
-    boxes = [value] if not isinstance(value[0], (list, tuple)) else list(value)
-    parsed = []
+    boxes = parse_boxes(value)
+    if not boxes:
+        raise ValueError(f"bbox {value!r} holds no box")
     for box in boxes:
-        if not isinstance(box, (list, tuple)) or len(box) != 4 or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in box):
-            raise ValueError(f"a box must be four numbers [x1, y1, x2, y2], got {box!r}")
-        x1, y1, x2, y2 = (float(v) for v in box)
-        if not all(0.0 <= v <= 1.0 for v in (x1, y1, x2, y2)):
-            raise ValueError(f"box {box!r} lies outside the image (normalised values must be in [0, 1])")
-        if x2 <= x1 or y2 <= y1:
-            raise ValueError(f"box {box!r} is empty (need x1 < x2 and y1 < y2)")
-        parsed.append([x1, y1, x2, y2])
-    return parsed
+        if not all(0.0 <= v <= 1.0 for v in box):
+            raise ValueError(f"box {list(box)} lies outside the image (normalised values must be in [0, 1])")
+        if box[2] <= box[0] or box[3] <= box[1]:
+            raise ValueError(f"box {list(box)} is empty (need x1 < x2 and y1 < y2)")
+    return [list(box) for box in boxes]
 
 
 def _open_image(value, base: Path) -> Image.Image:

@@ -1,0 +1,119 @@
+"""Checkpoints that resume exactly: weights (or the LoRA adapter), optimizer, scheduler, every
+RNG state, the data position and the resolved configuration.
+
+Layout of ``output_dir/checkpoint-<step>/``::
+
+    model/            save_pretrained of the model (full fine-tuning) or of the adapter (LoRA)
+    optimizer.pt      AdamW state
+    scheduler.pt      learning-rate schedule state
+    rng-<rank>.pt     python, numpy and torch (CPU and CUDA) generator states of each process
+    state.json        step, data position and anything else the loop keeps
+    config.yaml       the resolved TrainConfig
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def rng_state() -> dict:
+    """Every generator the loop draws from (sampling uses torch's, data order its own seeded one)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(directory: str | Path, *, model, optimizer, scheduler, state: dict, config, rank: int = 0,
+                    is_main: bool = True, processor=None) -> Path:
+    """Writes a checkpoint; every process calls it (each saves its RNG state, the main one the rest).
+
+    Args:
+        directory: the checkpoint directory (created).
+        model: the unwrapped model (a ``PeftModel`` saves only its adapter).
+        optimizer, scheduler: their ``state_dict()`` is saved.
+        state: JSON-serialisable loop state (``step``, ``data_position``, ...).
+        config: the resolved :class:`~saliency_r1.grpo.config.TrainConfig`.
+        rank: this process's index; ``is_main``: whether it writes the shared files.
+        processor: saved beside the model when given, so the checkpoint loads on its own.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(rng_state(), directory / f"rng-{rank}.pt")
+    if is_main:
+        model.save_pretrained(directory / "model")
+        if processor is not None:
+            processor.save_pretrained(directory / "model")
+        torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+        torch.save(scheduler.state_dict(), directory / "scheduler.pt")
+        (directory / "state.json").write_text(json.dumps(state, indent=2))
+        config.save(directory / "config.yaml")
+    return directory
+
+
+def load_checkpoint(directory: str | Path, *, model, optimizer, scheduler, rank: int = 0) -> dict:
+    """Restores what :func:`save_checkpoint` wrote into ``model`` (unwrapped), ``optimizer`` and
+    ``scheduler`` and this process's RNG state; returns the loop state."""
+    directory = Path(directory)
+    if not (directory / "state.json").is_file():
+        raise FileNotFoundError(f"{directory} is not a checkpoint (no state.json)")
+    load_weights(model, directory / "model")
+    optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=False))
+    scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=False))
+    rng_file = directory / f"rng-{rank}.pt"
+    if not rng_file.is_file():
+        raise FileNotFoundError(f"{rng_file} is missing: resume with the number of processes that saved it")
+    set_rng_state(torch.load(rng_file, weights_only=False))
+    return json.loads((directory / "state.json").read_text())
+
+
+def load_weights(model, directory: str | Path) -> None:
+    """Loads ``save_pretrained`` weights (full model or adapter) into ``model`` in place."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(directory / "adapter_model.safetensors"))
+        return
+    files = sorted(directory.glob("model*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no model*.safetensors in {directory}")
+    state = {}
+    for file in files:
+        state.update(load_file(file))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # Tied or non-persistent buffers may be absent from the file; real parameters may not.
+    absent = [name for name in missing if name in dict(model.named_parameters())
+              and not _is_tied(model, name)]
+    if absent or unexpected:
+        raise ValueError(f"checkpoint {directory} does not match the model: missing {absent[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+
+
+def _is_tied(model, name: str) -> bool:
+    return name.endswith("lm_head.weight") and getattr(model.config, "tie_word_embeddings", False)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The checkpoint with the highest step in ``output_dir``, or ``None``."""
+    found = [(int(m.group(1)), p) for p in Path(output_dir).glob("checkpoint-*")
+             if (m := _NAME.match(p.name)) and (p / "state.json").is_file()]
+    return max(found)[1] if found else None

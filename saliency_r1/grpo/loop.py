@@ -1,0 +1,451 @@
+"""The GRPO training loop of Saliency-R1, readable top to bottom.
+
+``train(cfg)`` does, per step: sample prompts; generate ``G`` completions of each with the saliency
+capture on; score them (format, accuracy, saliency-in-box through ``saliency_r1.ops.reward``,
+extra callables); normalise advantages within each group; take ``inner_iterations`` optimizer
+steps of the clipped surrogate (ratio to the policy that generated); log; checkpoint.
+
+Multi-process runs go through accelerate (DDP): launch the same command with ``accelerate launch``
+(GPUs) or ``torchrun`` (the CPU test); each process samples its own prompts, gradients are
+averaged by DDP, and every process holds the same parameters after each step. FSDP and DeepSpeed
+configurations of ``accelerate config`` apply unchanged (the model is prepared by accelerate;
+generation runs on the unwrapped module, so with FSDP use ``fsdp_use_orig_params``; ZeRO-3
+gathers parameters for generation under DeepSpeed's own context).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from saliency_r1.grpo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from saliency_r1.grpo.config import TrainConfig
+from saliency_r1.grpo.loss import group_advantages, policy_loss
+
+
+# ============================================================================ model and data
+
+def load_policy(cfg: TrainConfig, dtype: torch.dtype = torch.float32):
+    """``(model, processor)``: the checkpoint at ``cfg.model``, or the tiny model built in code."""
+    if cfg.model is None:
+        from saliency_r1.tiny import build_tiny_model, build_tiny_processor
+
+        processor = build_tiny_processor(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+        model = build_tiny_model(processor, seed=cfg.seed, dtype=dtype, num_hidden_layers=cfg.tiny_layers,
+                                 hidden_size=cfg.tiny_hidden, intermediate_size=2 * cfg.tiny_hidden)
+        return model, processor
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(cfg.model, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    model = AutoModelForImageTextToText.from_pretrained(
+        cfg.model, dtype=dtype, attn_implementation={"text_config": "sdpa", "vision_config": "sdpa"})
+    return model, processor
+
+
+def load_data(cfg: TrainConfig):
+    """``(train, held_out)``: indexable sets of records (``image``, ``problem``, ``solution``, ``bbox``)."""
+    from saliency_r1.data import SyntheticConfig, SyntheticGroundedVQA, load_saliency_data
+
+    if cfg.data is None:
+        drawing = SyntheticConfig(image_size=cfg.image_size)
+        return (SyntheticGroundedVQA(cfg.train_size, seed=cfg.data_seed, config=drawing),
+                SyntheticGroundedVQA(cfg.eval_size, seed=cfg.eval_seed, config=drawing))
+    train = load_saliency_data(cfg.data, max_image_side=cfg.max_image_side)
+    if len(train) == 0:
+        raise ValueError(f"{cfg.data}: no usable records ({len(train.skipped)} skipped)")
+    held_out = load_saliency_data(cfg.eval_data, max_image_side=cfg.max_image_side) if cfg.eval_data else None
+    return train, held_out
+
+
+def system_prompt(cfg: TrainConfig) -> str:
+    from saliency_r1.tiny import SYSTEM_PROMPT
+
+    return cfg.system_prompt if cfg.system_prompt is not None else SYSTEM_PROMPT
+
+
+def prompt_inputs(processor, examples: list[dict], system: str, repeat: int = 1):
+    """Processor inputs of ``examples``' prompts (chat template, one image each), each repeated
+    ``repeat`` times in a row (a GRPO group), left-padded: ``input_ids``, ``attention_mask``,
+    ``pixel_values``, ``image_grid_thw`` (and ``mm_token_type_ids`` on recent transformers)."""
+    texts, images = [], []
+    for example in examples:
+        messages = [{"role": "system", "content": system},
+                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": example["problem"]}]}]
+        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        texts += [text] * repeat
+        images += [[example["image"]]] * repeat
+    processor.tokenizer.padding_side = "left"  # generation appends after the prompt
+    return processor(text=texts, images=images, return_tensors="pt", padding=True)
+
+
+def image_rows(inputs) -> list[slice]:
+    """Each sample's rows of ``pixel_values`` (one image per sample, ``t*h*w`` patches each)."""
+    counts = inputs["image_grid_thw"].prod(-1).tolist()
+    if len(counts) != inputs["input_ids"].shape[0]:
+        raise ValueError(f"expected one image per prompt, got {len(counts)} images for "
+                         f"{inputs['input_ids'].shape[0]} prompts")
+    starts = [0]
+    for count in counts:
+        starts.append(starts[-1] + count)
+    return [slice(a, b) for a, b in zip(starts[:-1], starts[1:])]
+
+
+def select(inputs, rows: list[int], pixel_rows: list[slice]) -> dict:
+    """The samples ``rows`` of a batch of prompt inputs, pixel rows included."""
+    picked = {k: v[rows] for k, v in inputs.items() if k not in ("pixel_values", "image_grid_thw")}
+    picked["pixel_values"] = torch.cat([inputs["pixel_values"][pixel_rows[r]] for r in rows])
+    picked["image_grid_thw"] = inputs["image_grid_thw"][rows]
+    return picked
+
+
+def completion_logps(model, prompt: dict, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
+                     temperature: float) -> torch.Tensor:
+    """Log-probs ``[b, C]`` of the completion tokens under ``model`` (teacher-forced, one forward).
+
+    Logits are divided by the sampling temperature, so the ratio compares the distributions that
+    were sampled from (as TRL does).
+    """
+    extend = {"input_ids": completion_ids, "attention_mask": completion_mask.to(prompt["attention_mask"].dtype)}
+    if "mm_token_type_ids" in prompt:  # completion tokens are text
+        extend["mm_token_type_ids"] = torch.zeros_like(completion_ids, dtype=prompt["mm_token_type_ids"].dtype)
+    batch = {k: torch.cat([prompt[k], extend[k]], dim=1) if k in extend else v for k, v in prompt.items()}
+    length = completion_ids.shape[1]
+    logits = model(**batch, logits_to_keep=length + 1, use_cache=False).logits[:, :-1].float()
+    logits = logits / temperature
+    return logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+def pad_completions(completions: list[torch.Tensor], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pads per-rollout completion ids: ``(ids [B, C], mask [B, C])``."""
+    length = max(1, max(len(c) for c in completions))
+    ids = torch.full((len(completions), length), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(completions), length), dtype=torch.float32, device=device)
+    for row, tokens in enumerate(completions):
+        ids[row, :len(tokens)] = tokens.to(device)
+        mask[row, :len(tokens)] = 1.0
+    return ids, mask
+
+
+class PromptOrder:
+    """Which prompts each step uses: a fresh seeded permutation per epoch, so position ``p`` of the
+    stream is a pure function of ``(seed, p)`` and resuming needs only the position."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self._epoch, self._perm = size, seed, -1, None
+
+    def __getitem__(self, position: int) -> int:
+        epoch, offset = divmod(position, self.size)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._epoch = torch.randperm(self.size, generator=generator).tolist(), epoch
+        return self._perm[offset]
+
+
+# ============================================================================ rewards
+
+def load_reward_callable(spec: str):
+    """``"module:function"`` to the callable."""
+    module, _, name = spec.partition(":")
+    if not name:
+        raise ValueError(f"extra reward {spec!r} must be written 'module:function'")
+    return getattr(importlib.import_module(module), name)
+
+
+def score(rollout, examples: list[dict], cfg: TrainConfig, extra: list) -> dict[str, torch.Tensor]:
+    """Each reward component per rollout (float32 ``[B]``, on the maps' device), unweighted."""
+    from saliency_r1.rewards import accuracy_reward, format_reward, saliency_rewards
+
+    device = rollout.valid.device
+    columns = {"solution": [e["solution"] for e in examples], "bbox": [e["bbox"] for e in examples],
+               "image": [e["image"] for e in examples]}
+    scores = {"format": torch.tensor(format_reward(rollout.texts), device=device),
+              "accuracy": torch.tensor(accuracy_reward(rollout.texts, **columns), device=device),
+              "saliency": saliency_rewards(rollout.maps, columns["bbox"], columns["image"], rollout.valid)}
+    for fn in extra:
+        name = getattr(fn, "__name__", "extra")
+        values = fn(completions=rollout.texts, saliency_maps=rollout.maps, saliency_valid=rollout.valid, **columns)
+        scores[name] = torch.tensor([math.nan if v is None else v for v in values], device=device, dtype=torch.float32)
+    return scores
+
+
+def pointing_rate(rollout, examples: list[dict]) -> float:
+    """Pointing-game hit rate over the rollouts (host-side; called at log steps only)."""
+    from saliency_r1.data import parse_normalised_boxes
+    from saliency_r1.metrics import pixel_boxes, pointing_game_hit
+
+    hits = 0
+    for maps, valid, example in zip(rollout.maps, rollout.valid.tolist(), examples):
+        width, height = example["image"].size
+        if valid and maps:
+            boxes = pixel_boxes(parse_normalised_boxes(example["bbox"]), height, width)
+            hits += pointing_game_hit(maps[0], (height, width), boxes)
+    return hits / max(1, len(examples))
+
+
+# ============================================================================ cold start
+
+def cold_start(model, processor, data, cfg: TrainConfig, device) -> list[float]:
+    """Supervised steps on worked completions of the synthetic set (the paper's cold start): the
+    policy learns the ``<think>/<answer>`` format and to name an object of the image before
+    answering. The reasoning names a random object, so where it looks is left for GRPO."""
+    from saliency_r1.data.synthetic import worked_completion
+
+    if not hasattr(data, "config"):
+        raise ValueError("cold_start_steps needs the synthetic set (its reasoning can be written out)")
+    generator = torch.Generator().manual_seed(cfg.seed + 17)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.cold_start_lr)
+    eos = processor.tokenizer.eos_token_id
+    model.train()
+    losses = []
+    for _ in range(cfg.cold_start_steps):
+        picks = torch.randint(len(data), (cfg.rollouts_per_step,), generator=generator).tolist()
+        examples = [data[i] for i in picks]
+        texts = [worked_completion(e, int(torch.randint(len(e["objects"]), (1,), generator=generator)))
+                 for e in examples]
+        prompt = prompt_inputs(processor, examples, system_prompt(cfg)).to(device)
+        ids = [torch.tensor(processor.tokenizer(t, add_special_tokens=False)["input_ids"] + [eos]) for t in texts]
+        completion_ids, mask = pad_completions(ids, processor.tokenizer.pad_token_id, device)
+        logps = completion_logps(model, dict(prompt), completion_ids, mask, 1.0)
+        loss = -(logps * mask).sum() / mask.sum()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())  # seconds of tiny-model steps: a sync per step is immaterial here
+    model.eval()
+    return losses
+
+
+# ============================================================================ the run
+
+@dataclass
+class RunResult:
+    """Where a run put its outputs, and its held-out evaluations (``{step: metrics}``)."""
+
+    log_path: Path
+    plot_path: Path
+    checkpoint: Path
+    evaluations: dict[int, dict] = field(default_factory=dict)
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    on = cfg.bf16 == "true" or (cfg.bf16 == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
+
+
+def train(cfg: TrainConfig) -> RunResult:
+    """Runs GRPO as configured; returns where logs, plot and final checkpoint went."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from saliency_r1.evaluate import evaluate
+    from saliency_r1.explain import generate_with_saliency
+    from saliency_r1.grpo.plots import plot_reward_curves
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=cfg.report_to or None,
+                              project_dir=cfg.output_dir)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    set_seed(cfg.seed)  # the same on every process: identical initial weights
+    model, processor = load_policy(cfg)
+    model.to(device)
+    train_data, held_out = load_data(cfg)
+    system = system_prompt(cfg)
+    extra = [load_reward_callable(spec) for spec in cfg.extra_rewards]
+    weights = {"format": cfg.format_weight, "accuracy": cfg.accuracy_weight, "saliency": cfg.saliency_weight}
+
+    # Cold start (deterministic; rerun on resume, where the checkpoint's weights then replace it).
+    if cfg.cold_start_steps:
+        cold_start(model, processor, train_data, cfg, device)
+    if cfg.lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                                 lora_dropout=cfg.lora_dropout, target_modules=cfg.lora_targets))
+    reference = None
+    if cfg.beta != 0.0 and not cfg.lora:  # with LoRA the reference is the base model, adapters off
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                  betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    policy = accelerator.unwrap_model(model)
+
+    start_step, evaluations = 0, {}
+    resume_from = latest_checkpoint(out) if cfg.resume == "auto" else cfg.resume
+    if resume_from:
+        state = load_checkpoint(resume_from, model=policy, optimizer=optimizer, scheduler=scheduler, rank=rank)
+        start_step = state["step"]
+        evaluations = {int(k): v for k, v in state.get("evaluations", {}).items()}
+    order = PromptOrder(len(train_data), cfg.seed)
+    global_prompts = cfg.prompts_per_step * world
+    log_path = out / "train.jsonl"
+    if accelerator.is_main_process and not resume_from:
+        log_path.write_text("")
+    accelerator.init_trackers("saliency-r1", config=cfg.to_dict()) if cfg.report_to else None
+
+    def run_evaluation(step: int) -> None:
+        if held_out is None or not accelerator.is_main_process:
+            return
+        metrics = evaluate(policy, processor, held_out, system_prompt=system, limit=cfg.eval_limit,
+                           max_new_tokens=cfg.max_completion_length, path=cfg.saliency_path,
+                           progress=cfg.progress, autocast=_autocast(cfg, device))
+        evaluations[step] = metrics
+        record = {"step": step, "split": "eval", **{f"eval/{k}": v for k, v in metrics.items()}}
+        with log_path.open("a") as log:
+            log.write(json.dumps(record) + "\n")
+
+    if start_step == 0:
+        run_evaluation(0)
+
+    pending = []  # per-step metrics as device tensors: converted (one sync) at log steps only
+    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="GRPO",
+               disable=not (cfg.progress and accelerator.is_main_process))
+    for step in bar:
+        timed = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
+        clock = _Clock(device, sync=timed)
+
+        # ---- 1. rollout: G completions per prompt, saliency captured along the way
+        first = step * global_prompts + rank * cfg.prompts_per_step
+        prompts = [train_data[order[first + j]] for j in range(cfg.prompts_per_step)]
+        examples = [e for e in prompts for _ in range(cfg.num_generations)]
+        inputs = prompt_inputs(processor, prompts, system, repeat=cfg.num_generations).to(device)
+        policy.eval()
+        with torch.no_grad(), _autocast(cfg, device):
+            rollout = generate_with_saliency(policy, processor, inputs, path=cfg.saliency_path, do_sample=True,
+                                             temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
+                                             max_new_tokens=cfg.max_completion_length)
+        clock.lap("rollout")
+
+        # ---- 2. rewards, 3. group-normalised advantages
+        scores = score(rollout, examples, cfg, extra)
+        total = sum(weights.get(name, 1.0) * value.nan_to_num(0.0) for name, value in scores.items())
+        advantages = group_advantages(total, cfg.num_generations, cfg.advantage_scale)
+        clock.lap("reward")
+
+        # ---- 4. loss and optimizer step(s) on this batch of rollouts
+        completion_ids, mask = pad_completions(rollout.completion_ids, processor.tokenizer.pad_token_id, device)
+        pixel_rows = image_rows(inputs)
+        micro = [list(range(i, min(i + cfg.micro_batch_size, len(examples))))
+                 for i in range(0, len(examples), cfg.micro_batch_size)]
+        model.train()
+        with torch.no_grad(), _autocast(cfg, device):
+            # The ratio's denominator: the generating policy. Only needed when later inner
+            # iterations have moved away from it; the first uses logps.detach().
+            old = [completion_logps(model, select(inputs, rows, pixel_rows), completion_ids[rows], mask[rows],
+                                    cfg.temperature) for rows in micro] if cfg.inner_iterations > 1 else None
+            ref = [_reference_logps(reference, model, cfg, select(inputs, rows, pixel_rows), completion_ids[rows],
+                                    mask[rows]) for rows in micro] if cfg.beta != 0.0 else None
+        clip_fraction = torch.zeros((), device=device)
+        kl = torch.zeros((), device=device)
+        for _ in range(cfg.inner_iterations):
+            for m, rows in enumerate(micro):
+                sync = m + 1 == len(micro)  # DDP all-reduces gradients once per optimizer step
+                with (contextlib.nullcontext() if sync else accelerator.no_sync(model)), _autocast(cfg, device):
+                    logps = completion_logps(model, select(inputs, rows, pixel_rows), completion_ids[rows],
+                                             mask[rows], cfg.temperature)
+                    loss, stats = policy_loss(
+                        logps, old[m] if old else logps.detach(), advantages[rows], mask[rows],
+                        eps_low=cfg.eps_low, eps_high=cfg.eps_high, normalisation=cfg.normalisation,
+                        max_completion_length=cfg.max_completion_length, token_count=mask.sum().clamp(min=1.0),
+                        beta=cfg.beta, ref_logps=ref[m] if ref else None)
+                    if cfg.normalisation != "token":  # means over the micro-batch -> mean over the batch
+                        loss = loss * len(rows) / len(examples)
+                    accelerator.backward(loss)
+                share = len(rows) / len(examples) / cfg.inner_iterations
+                clip_fraction += stats["clip_fraction"] * share
+                kl += stats["kl"] * share
+            if cfg.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        policy.eval()
+        clock.lap("update")
+
+        # ---- 5. log (host syncs only here), checkpoint, evaluate
+        lengths = mask.sum(-1)
+        pending.append((step, {**{f"reward/{k}": v.nanmean() for k, v in scores.items()},
+                               "reward/total": total.mean(), "saliency_in_box": scores["saliency"].mean(),
+                               "accuracy": scores["accuracy"].mean(), "format": scores["format"].mean(),
+                               "valid": rollout.valid.mean(), "kl": kl, "clip_fraction": clip_fraction,
+                               "completion_length/mean": lengths.mean(), "completion_length/max": lengths.max(),
+                               "learning_rate": torch.tensor(scheduler.get_last_lr()[0])}))
+        if timed:
+            record = _flush(pending, accelerator)
+            record["pointing_game"] = pointing_rate(rollout, examples)
+            # generate() ends in a host sync (stopping criteria); the rest of the synced rollout lap is saliency.
+            generation = rollout.timings["generate"]
+            record.update({"time/generation": generation, "time/saliency": clock.laps["rollout"] - generation,
+                           "time/reward": clock.laps["reward"], "time/update": clock.laps["update"]})
+            record["time/saliency_share"] = (record["time/saliency"] + record["time/reward"]) / sum(clock.laps.values())
+            record["tokens_per_second"] = float(lengths.sum()) * world / max(generation, 1e-9)
+            if accelerator.is_main_process:
+                with log_path.open("a") as log:
+                    log.write(json.dumps(record) + "\n")
+                if cfg.report_to:
+                    accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+                bar.set_postfix(reward=f"{record['reward/total']:.3f}", sal=f"{record['saliency_in_box']:.3f}")
+        done = step + 1
+        if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
+            run_evaluation(done)
+        if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
+            if done == cfg.steps:
+                run_evaluation(done)
+            save_checkpoint(out / f"checkpoint-{done}", model=policy, optimizer=optimizer, scheduler=scheduler,
+                            state={"step": done, "data_position": done * global_prompts,
+                                   "evaluations": evaluations},
+                            config=cfg, rank=rank, is_main=accelerator.is_main_process, processor=processor)
+            accelerator.wait_for_everyone()
+    bar.close()
+    if cfg.report_to:
+        accelerator.end_training()
+    plot_path = out / "reward_curves.png"
+    if accelerator.is_main_process:
+        plot_reward_curves(log_path, plot_path)
+    accelerator.wait_for_everyone()
+    return RunResult(log_path=log_path, plot_path=plot_path, checkpoint=out / f"checkpoint-{cfg.steps}",
+                     evaluations=evaluations)
+
+
+def _reference_logps(reference, model, cfg, prompt, completion_ids, mask):
+    if reference is not None:
+        return completion_logps(reference, prompt, completion_ids, mask, cfg.temperature)
+    with model.disable_adapter() if hasattr(model, "disable_adapter") else \
+            model.module.disable_adapter():  # LoRA: the base model is the reference
+        return completion_logps(model, prompt, completion_ids, mask, cfg.temperature)
+
+
+def _flush(pending: list, accelerator) -> dict:
+    """Averages the pending steps' metrics over steps and processes: one host sync."""
+    names = list(pending[-1][1])
+    stacked = torch.stack([torch.stack([metrics[n].float().to(accelerator.device) for n in names])
+                           for _, metrics in pending]).mean(0)
+    stacked = accelerator.reduce(stacked, reduction="mean")
+    record = {"step": pending[-1][0] + 1, **dict(zip(names, stacked.tolist()))}
+    pending.clear()
+    return record
+
+
+class _Clock:
+    """Wall time of each phase of a step; synchronises CUDA at phase ends only on timed steps."""
+
+    def __init__(self, device: torch.device, sync: bool):
+        self.cuda, self.sync, self.laps, self._last = device.type == "cuda", sync, {}, time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.sync and self.cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.laps[name] = self.laps.get(name, 0.0) + now - self._last
+        self._last = now

@@ -1,0 +1,88 @@
+"""A drop-in for TRL users: ``SaliencyGRPOTrainer``, TRL's ``GRPOTrainer`` whose reward functions
+also receive the saliency maps of the completions they score.
+
+>>> from saliency_r1.rewards import accuracy_reward, format_reward, saliency_reward
+>>> trainer = SaliencyGRPOTrainer(model=model, processing_class=processor, args=GRPOConfig(...),  # doctest: +SKIP
+...                               reward_funcs=[format_reward, accuracy_reward, saliency_reward],
+...                               train_dataset=dataset)   # columns: prompt, image, solution, bbox
+
+Where the maps come from. TRL (1.16) calls ``_calculate_rewards(inputs, prompts, completions,
+completion_ids_list)`` after generation and before advantages; this override runs one
+teacher-forced forward of the completions with the saliency capture on
+(:func:`saliency_r1.explain.saliency_for_completions`, no gradient, keys and values read back from
+its cache) and adds, per completion, ``saliency_maps`` (per image, the raw ``[h', w']`` map) and
+``saliency_valid`` (1.0 for a well-formed think/answer structure) to the reward keywords. Doing it
+there rather than inside ``generate`` makes it independent of the generation backend (transformers,
+continuous batching or vLLM, whose completions arrive as ids); the cost is one forward pass without
+gradient over the batch, the size of TRL's own old-log-prob pass. It is skipped when no reward
+function asks for ``saliency_maps`` (or takes ``**kwargs`` and is one of ours).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from trl import GRPOTrainer
+from trl.models.utils import unwrap_model_for_generation
+
+from saliency_r1.explain import saliency_for_completions
+
+
+def _wants_saliency(func) -> bool:
+    try:
+        parameters = inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return False
+    return "saliency_maps" in parameters
+
+
+class SaliencyGRPOTrainer(GRPOTrainer):
+    """``GRPOTrainer`` that hands saliency maps to its reward functions.
+
+    Args:
+        saliency_path: ``"cot"`` (through the think tokens, the default and the paper's),
+            ``"direct"`` or ``"both"``.
+        *args, **kwargs: as ``trl.GRPOTrainer``. The dataset needs conversational prompts and an
+            ``image`` (or ``images``) column, as TRL requires for vision-language models.
+
+    Reward functions receive ``saliency_maps`` (list per completion of per-image ``[h', w']``
+    tensors) and ``saliency_valid`` (list of floats) besides TRL's usual keywords.
+    """
+
+    def __init__(self, *args, saliency_path: str = "cot", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.saliency_path = saliency_path
+        self._needs_saliency = any(_wants_saliency(f) for f in self.reward_funcs)
+
+    def _saliency(self, prompts: list, completion_ids_list: list) -> tuple[list, list[float]]:
+        """Maps of the local completions: the prompts re-rendered exactly as TRL renders them for
+        its forward passes, then one teacher-forced forward with capture."""
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        side, tokenizer.padding_side = tokenizer.padding_side, "left"
+        try:
+            inputs = self.processing_class.apply_chat_template(
+                conversation=prompts, tools=self.tools or None, chat_template=self.chat_template,
+                add_generation_prompt=True, tokenize=True, return_dict=True, padding=True, return_tensors="pt",
+                **self.chat_template_kwargs)
+        finally:
+            tokenizer.padding_side = side
+        inputs = {k: v.to(self.accelerator.device) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+        with unwrap_model_for_generation(self.model_wrapped, self.accelerator,
+                                         gather_deepspeed3_params=self.args.ds3_gather_for_generation) as model:
+            was_training = model.training
+            model.eval()  # no dropout in the maps
+            try:
+                rollout = saliency_for_completions(model, self.processing_class, inputs,
+                                                   [torch.as_tensor(c) for c in completion_ids_list],
+                                                   path=self.saliency_path)
+            finally:
+                model.train(was_training)
+        return rollout.maps, rollout.valid.tolist()
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        if self._needs_saliency:
+            maps, valid = self._saliency(prompts, completion_ids_list)
+            inputs = [{**example, "saliency_maps": m, "saliency_valid": v}
+                      for example, m, v in zip(inputs, maps, valid)]
+        return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
