@@ -13,6 +13,7 @@ accepted; the op clamps boxes to the image.
 from __future__ import annotations
 
 import ast
+import json
 import math
 from collections.abc import Sequence
 
@@ -29,6 +30,10 @@ def _is_number(value) -> bool:
 
 
 def _literal(text: str):
+    try:
+        return json.loads(text)  # the data's form, and ten times faster than literal_eval
+    except ValueError:
+        pass
     try:
         return ast.literal_eval(text.strip())
     except (ValueError, SyntaxError):
@@ -96,8 +101,12 @@ def to_pixel_box(box, image_size: tuple[int, int]) -> PixelBox:
     >>> to_pixel_box([0, 0, 1, 1], (100, 200))  # x_hi = W lies past the image; the op clamps it
     (0, 0, 200, 100)
     """
-    x1, y1, x2, y2 = parse_box(box)
-    height, width = _image_size(image_size, "image_size")
+    return _to_pixels(parse_box(box), _image_size(image_size, "image_size"))
+
+
+def _to_pixels(box: Box, image_size: tuple[int, int]) -> PixelBox:
+    x1, y1, x2, y2 = box
+    height, width = image_size
     return math.floor(width * x1), math.floor(height * y1), math.floor(width * x2), math.floor(height * y2)
 
 
@@ -131,13 +140,13 @@ def pack_boxes(boxes: Sequence, image_sizes: Sequence, device: torch.device | st
     """
     if len(boxes) != len(image_sizes):
         raise ValueError(f"boxes has {len(boxes)} entries but image_sizes has {len(image_sizes)}")
-    pixel = [[to_pixel_box(box, _image_size(size, f"image_sizes[{b}]")) for box in parse_boxes(entry)]
-             for b, (entry, size) in enumerate(zip(boxes, image_sizes))]
+    pixel = []
+    for b, (entry, size) in enumerate(zip(boxes, image_sizes)):
+        size = _image_size(size, f"image_sizes[{b}]")
+        pixel.append([_to_pixels(box, size) for box in parse_boxes(entry)])
     k_max = max((len(p) for p in pixel), default=0)
-    packed = torch.zeros(len(pixel), k_max, 4, dtype=torch.int64)
-    for b, rows in enumerate(pixel):
-        if rows:
-            packed[b, : len(rows)] = torch.tensor(rows, dtype=torch.int64)
+    padded = [p + [(0, 0, 0, 0)] * (k_max - len(p)) for p in pixel]
+    packed = torch.tensor(padded, dtype=torch.int64).reshape(len(pixel), k_max, 4)
     counts = torch.tensor([len(p) for p in pixel], dtype=torch.int64)
     return packed.to(device), counts.to(device)
 
@@ -170,9 +179,10 @@ def pack_maps(maps: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]
         dtype = torch.promote_types(dtype, grid.dtype)
     h_max = max(g.shape[0] for g in grids)
     w_max = max(g.shape[1] for g in grids)
-    packed = grids[0].new_zeros(len(grids), h_max, w_max, dtype=dtype)
-    for b, grid in enumerate(grids):
-        packed[b, : grid.shape[0], : grid.shape[1]] = grid
+    # Padding each small map and stacking: one zero-fill of the whole batch would be a multi-threaded
+    # kernel, whose start-up costs more than the copy on a busy machine.
+    packed = torch.stack([torch.nn.functional.pad(g.to(dtype), (0, w_max - g.shape[1], 0, h_max - g.shape[0]))
+                          for g in grids])
     sizes = torch.tensor([list(g.shape) for g in grids], dtype=torch.int64, device=packed.device)
     return packed, sizes
 

@@ -50,29 +50,38 @@ def reward_reference(maps: torch.Tensor, map_sizes: torch.Tensor, image_sizes: t
     return out.to(torch.float32).to(maps.device)
 
 
-def reward_public_way(saliency: torch.Tensor, image_size: tuple[int, int], bbox: str) -> float:
+def reward_public_way(saliency: torch.Tensor, image_size: tuple[int, int], bbox: str | list[str]) -> float:
     """One rollout's reward the public Saliency-R1 code's way, with its y-bound bug fixed.
 
     The public ``think_saliency_reward`` takes the map already resized to the image with
     ``cv2.resize`` (bilinear, half-pixel centres, which ``interpolate(align_corners=False)``
     matches when upsampling), parses the box string, and sums an inclusive slice. It scales the
     box's lower y bound by the image width; here it is scaled by the height (SPEC.md section 4).
+    It handles one box; given several, this sums the union of their slices (one resize).
 
     Args:
         saliency: ``[h', w']`` raw map (relu is applied here, as the public code does before resizing).
         image_size: ``(H, W)`` in pixels.
-        bbox: one normalised box as the data writes it, ``"[x1,y1,x2,y2]"``.
+        bbox: one normalised box as the data writes it, ``"[x1,y1,x2,y2]"``, or a list of them.
 
     Returns:
-        ``mass inside the box / total mass`` (NaN where the total mass is 0, as the public code gives).
+        ``mass inside the box(es) / total mass`` (NaN where the total mass is 0, as the public code gives).
 
     >>> grid = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
     >>> round(reward_public_way(grid, (4, 4), "[0.5,0.0,1.0,1.0]"), 4)
     0.875
+    >>> round(reward_public_way(grid, (4, 4), ["[0.5,0.0,1.0,0.4]", "[0.75,0.0,1.0,1.0]"]), 4)
+    0.6875
     """
     height, width = image_size
     image = _upsample(saliency, height, width)
-    x1, y1, x2, y2 = (float(v) for v in bbox[1:-1].split(","))
-    x_lo, y_lo, x_hi, y_hi = (math.floor(width * x1), math.floor(height * y1), math.floor(width * x2),
-                              math.floor(height * y2))
-    return float(image[y_lo: y_hi + 1, x_lo: x_hi + 1].sum() / image.sum())
+    if isinstance(bbox, str):
+        x1, y1, x2, y2 = (float(v) for v in bbox[1:-1].split(","))
+        x_lo, y_lo, x_hi, y_hi = (math.floor(width * x1), math.floor(height * y1), math.floor(width * x2),
+                                  math.floor(height * y2))
+        return float(image[y_lo: y_hi + 1, x_lo: x_hi + 1].sum() / image.sum())
+    union = torch.zeros(height, width, dtype=torch.bool, device=image.device)
+    for box in bbox:
+        x1, y1, x2, y2 = (float(v) for v in box[1:-1].split(","))
+        union[math.floor(height * y1): math.floor(height * y2) + 1, math.floor(width * x1): math.floor(width * x2) + 1] = True
+    return float(image[union].sum() / image.sum())
