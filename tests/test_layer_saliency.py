@@ -111,6 +111,13 @@ def test_cpu_kernel_matches_reference_other_dtypes(dtype, groups, head_size, thi
         assert_within_rule(out, args, scale, path)
 
 
+def test_cpu_kernel_takes_float64_lse_with_float64_inputs():
+    args, scale = make_inputs(2, 2, 64, 17, 5, 64, mixed_lengths(17, 5, 64), torch.float64)
+    for path in PATHS:
+        torch.testing.assert_close(saliency_r1.layer_saliency(*to_float64(args), scale, path),
+                                   saliency_r1.layer_saliency(*args, scale, path), rtol=0, atol=0)
+
+
 def test_cpu_kernel_chunks_image_tokens():
     # 14 heads x 300 think rows leave ~1000 image tokens per chunk (kChunkElements = 2^22): 2500 takes three.
     lengths = [(2500, 300, 5), (1700, 120, 3)]
