@@ -3,13 +3,11 @@
 Nothing of size ``[T, N]``, ``[A, T]`` or ``[A, N, V]`` touches global memory: every probability is recomputed
 in registers, tile by tile, from the queries, the keys and the row's log-sum-exp,
 
-    alpha(j -> m) = exp(s * q_j . k_m - lse_j) = exp2(log2(e) * (s * q_j . k_m - lse_j)).
+    alpha(j -> m) = exp(s * q_j . k_m - lse_j) = exp2(log2(e) * (s * q_j . k_m - lse_j)),
 
-The exponent is formed before the change of base (flash attention folds log2(e) into the scale instead):
-the rounding of ``log2(e) * x`` then scales with the small ``|x|`` of the probabilities that matter, not
-with the score's magnitude, which keeps fp32 results within the reference's error.
-
-and only the ``[B, A, N]`` result is written.
+and only the ``[B, A, N]`` result is written. The exponent ``x`` is formed before the change of base (flash
+attention folds log2(e) into the scale instead), so the rounding of ``log2(e) * x`` grows with ``|x|``,
+small for the probabilities that matter, rather than with the magnitude of the score.
 """
 
 from __future__ import annotations
