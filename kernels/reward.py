@@ -194,7 +194,9 @@ def _reward_kernel(
                 mass += tl.sum(tl.sum(d[:, None] * fy_edges, axis=0) * col)
 
     # The corner sum cancels large prefix masses; clamp its float32 rounding into [0, 1].
-    score = tl.where(any_box & (total > 0.0), tl.minimum(tl.maximum(mass / total, 0.0), 1.0), 0.0)
+    ratio = mass / tl.where(total > 0.0, total, 1.0)
+    score = tl.where(any_box & (total > 0.0), tl.minimum(tl.maximum(ratio, 0.0), 1.0), 0.0)
+    # The codes _MAP_SIZE_NONPOSITIVE (1) .. _MAP_NOT_FINITE (8), the first failing check winning.
     status = tl.where(
         (h <= 0) | (w <= 0), 1, tl.where(
             (h > h_max) | (w > w_max), 2, tl.where(
