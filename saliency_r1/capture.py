@@ -8,7 +8,8 @@ query and the softmax log-sum-exp (LSE) of the rows that predict completion toke
 row during prefill, then each decode step's row. What is kept grows as
 ``layers x heads x completion tokens x head size``; the LSE of a row is one reduction over the keys it
 attends to (mask applied, so left padding is respected), computed in small row blocks so no
-``rows x sequence`` block outlives a layer call. Keys and values are not copied: they are read
+``rows x sequence`` block outlives the computation; decode rows are reduced together after
+generation (see :class:`SaliencyCapture`). Keys and values are not copied: they are read
 afterwards from the cache the model returns. The final norm's RMS at the same rows comes from a
 forward hook on the norm. The vision tower is not touched.
 
@@ -39,8 +40,9 @@ from saliency_r1.adapters import ModelAdapter, get_adapter
 
 CAPTURE_ATTENTION = "saliency_capture"
 
-# Rows whose LSE is computed together: bounds the transient score block at 64 x keys per head.
-_LSE_ROW_BLOCK = 64
+# Scores materialised at once by an LSE reduction (rows x keys x heads x batch): 1 MiB in float32,
+# small next to a generation's own transient memory.
+_LSE_BLOCK_ELEMENTS = 1 << 18
 
 _ACTIVE: contextvars.ContextVar["SaliencyCapture | None"] = contextvars.ContextVar("saliency_capture", default=None)
 
@@ -81,6 +83,14 @@ class SaliencyCapture:
     Positions are counted per layer from the first call after the capture starts, so the model must
     start from an empty cache (as ``generate`` and a plain forward do).
 
+    A call of several query rows (prefill, teacher-forced forward) has the LSEs of its recorded rows
+    computed at once, from its own mask. A decode step (one query row) only keeps its query: its LSE
+    is computed in :meth:`result`, for all decode rows of a layer together, from the keys and the mask of
+    that layer's last decode step. Generation only appends to the cache and to the mask, so row ``p``'s
+    own mask is the last one cut at ``p`` (causality): the same numbers, without a dozen small kernel
+    launches per layer and step inside the decode loop. Layers with a sliding window, whose masks are not
+    prefixes of each other, compute their LSEs at every step instead.
+
     Args:
         adapter: the model's :class:`~saliency_r1.adapters.ModelAdapter`.
         first_row: absolute position of the first row to record (``P - 1``: the last prompt row).
@@ -99,7 +109,10 @@ class SaliencyCapture:
         self._layer_of = {id(module): layer for layer, module in enumerate(adapter.attention_modules)}
         num_layers = len(self._layer_of)
         self._queries: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
-        self._lse: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+        # Per layer, one entry per recorded call: its LSE, or None for a decode row deferred to result().
+        self._lse: list[list[torch.Tensor | None]] = [[] for _ in range(num_layers)]
+        self._last: list[tuple[torch.Tensor, torch.Tensor | None] | None] = [None] * num_layers
+        self._scaling = [1.0] * num_layers
         self._rms: list[torch.Tensor] = []
         self._seen = [0] * num_layers
         self._norm_seen = 0
@@ -112,15 +125,16 @@ class SaliencyCapture:
         return slice(lo - start, hi - start) if lo < hi else None
 
     def record_attention(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor,
-                         attention_mask: torch.Tensor | None, scaling: float) -> None:
-        """Keep ``query`` and the LSE of the rows to record, for the language layer ``module`` belongs to.
+                         attention_mask: torch.Tensor | None, scaling: float, sliding_window: int | None = None) -> None:
+        """Keep ``query`` (and the LSE) of the rows to record, for the language layer ``module`` belongs to.
 
         Args:
             module: the attention module (ignored unless it is one of the adapter's language layers).
             query: ``[B, H, q, d]`` rotary-embedded queries of this call.
-            key: ``[B, H_kv, k, d]`` every key the call attends to (cache included).
+            key: ``[B, H_kv, k, d]`` every key the call attends to (cache included); held, not copied.
             attention_mask: ``None`` (causal), bool ``[B|1, 1|H, q, k]`` (True attends) or additive float.
             scaling: softmax scale.
+            sliding_window: the layer's window, if any (its LSEs are then never deferred).
         """
         layer = self._layer_of.get(id(module))
         if layer is None:
@@ -132,11 +146,20 @@ class SaliencyCapture:
         if rows is None:
             return
         q_rows = query.detach()[:, :, rows]
+        if q_rows.shape[2] != q_len:  # a view of some rows would keep the whole call's queries alive
+            q_rows = q_rows.clone()
         self._queries[layer].append(q_rows)
+        self._scaling[layer] = scaling
+        if q_len == 1 and sliding_window is None:
+            self._lse[layer].append(None)
+            self._last[layer] = (key.detach(), attention_mask)
+            return
         # Query j of this call sits at key position kv_len - q_len + j (the cache precedes it).
-        offset = kv_len - q_len
-        self._lse[layer].append(_row_lse(q_rows, key.detach(), attention_mask, scaling,
-                                         rows.start, offset, query.shape[2]))
+        index = torch.arange(rows.start, rows.stop, device=key.device)
+        mask = None
+        if attention_mask is not None:
+            mask = attention_mask.index_select(-2, index) if attention_mask.shape[-2] > 1 else attention_mask
+        self._lse[layer].append(_row_lse(q_rows, key.detach(), mask, scaling, index + (kv_len - q_len)))
 
     def record_norm(self, hidden: torch.Tensor) -> None:
         """Keep ``sqrt(mean(x^2) + eps)`` of the recorded rows of ``hidden`` (``[B, q, D]``, the final norm's input)."""
@@ -152,20 +175,39 @@ class SaliencyCapture:
         self._rms.append(torch.sqrt(x.pow(2).mean(-1) + self.adapter.norm_eps))
 
     def result(self) -> CapturedRows:
-        """Everything recorded so far, stacked over rows."""
+        """Everything recorded so far, stacked over rows (deferred decode-row LSEs are computed here)."""
         if not self._rms or any(not chunks for chunks in self._queries):
             raise RuntimeError(
                 "the capture recorded nothing: run the model inside capture_saliency(...) with its language "
                 f"attention set to {CAPTURE_ATTENTION!r}, starting from an empty cache")
-        return CapturedRows(queries=[torch.cat(chunks, dim=2) for chunks in self._queries],
-                            lse=[torch.cat(chunks, dim=2) for chunks in self._lse],
-                            rms=torch.cat(self._rms, dim=1), first_row=self.first_row)
+        for layer, chunks in enumerate(self._queries):
+            q = torch.cat(chunks, dim=2) if len(chunks) > 1 else chunks[0]
+            parts = list(self._lse[layer])
+            pending = [i for i, lse in enumerate(parts) if lse is None]
+            if pending:
+                # Chunk i holds rows offsets[i]..offsets[i+1]-1; deferred chunks are single decode rows.
+                offsets = [0]
+                for chunk in chunks:
+                    offsets.append(offsets[-1] + chunk.shape[2])
+                rows = torch.tensor([offsets[i] for i in pending], device=q.device)
+                key, mask = self._last[layer]
+                deferred = _row_lse(q.index_select(2, rows), key, mask, self._scaling[layer], rows + self.first_row)
+                for j, i in enumerate(pending):
+                    parts[i] = deferred[:, :, j:j + 1]
+            # Keep one stacked copy (not the chunks and their concatenation); result() stays repeatable.
+            self._queries[layer] = [q]
+            self._lse[layer] = [torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]]
+            self._last[layer] = None
+        self._rms = [torch.cat(self._rms, dim=1)]
+        return CapturedRows(queries=[chunks[0] for chunks in self._queries], lse=[parts[0] for parts in self._lse],
+                            rms=self._rms[0], first_row=self.first_row)
 
 
-def _row_lse(q_rows: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float,
-             first: int, offset: int, q_len: int) -> torch.Tensor:
-    """Log-sum-exp over keys of the scaled scores of ``q_rows`` (``[B, H, r, d]``, rows ``first..`` of a
-    call of ``q_len`` queries whose query ``j`` is at key position ``offset + j``), mask applied.
+def _row_lse(q_rows: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float,
+             positions: torch.Tensor) -> torch.Tensor:
+    """Log-sum-exp over keys of the scaled scores of ``q_rows`` (``[B, H, r, d]``), row ``j`` sitting at key
+    position ``positions[j]`` (it attends keys ``0..positions[j]``) and masked by ``mask`` (``None``, or bool
+    / additive ``[B|1, 1|H, r|1, >= k]``, cut to the keys).
 
     Returns float32 ``[B, H, r]`` (float64 for float64 inputs).
     """
@@ -175,24 +217,27 @@ def _row_lse(q_rows: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tens
     dtype = torch.float64 if q_rows.dtype == torch.float64 else torch.float32
     # Grouped heads share their key head: fold the group into the row axis instead of repeating keys.
     keys_t = key.to(dtype).transpose(-1, -2)  # [B, H_kv, d, k]
+    if mask is not None:
+        mask = mask[..., :kv_len]
+    key_index = torch.arange(kv_len, device=key.device)
+    block_rows = max(1, _LSE_BLOCK_ELEMENTS // (batch * heads * kv_len))
     out = []
-    for lo in range(0, rows, _LSE_ROW_BLOCK):
-        hi = min(rows, lo + _LSE_ROW_BLOCK)
+    for lo in range(0, rows, block_rows):
+        hi = min(rows, lo + block_rows)
         q = q_rows[:, :, lo:hi].to(dtype).reshape(batch, kv_heads, groups * (hi - lo), dim)
-        scores = (torch.matmul(q, keys_t) * scaling).view(batch, heads, hi - lo, kv_len)
-        query_index = torch.arange(first + lo, first + hi, device=key.device)
-        if attention_mask is None:
-            if q_len > 1:  # causal: query j attends keys 0..offset + j
-                keep = torch.arange(kv_len, device=key.device)[None, :] <= (offset + query_index)[:, None]
-                scores = scores.masked_fill(~keep, float("-inf"))
-        else:
-            mask = attention_mask.index_select(-2, query_index) if attention_mask.shape[-2] > 1 \
-                else attention_mask
-            if mask.dtype == torch.bool:
-                scores = scores.masked_fill(~mask, float("-inf"))
+        scores = torch.matmul(q, keys_t).view(batch, heads, hi - lo, kv_len).mul_(scaling)
+        blocked = key_index[None, :] > positions[lo:hi, None]  # causal: row p attends keys 0..p
+        if mask is not None:
+            block = mask[..., lo:hi, :] if mask.shape[-2] > 1 else mask
+            if block.dtype == torch.bool:
+                blocked = blocked | ~block
             else:
-                scores = scores + mask.to(dtype)
-        out.append(torch.logsumexp(scores, dim=-1))
+                scores.add_(block.to(dtype))
+        scores.masked_fill_(blocked, float("-inf"))
+        # logsumexp in place (torch.logsumexp allocates twice and is slower on CPU); every row attends
+        # at least its own position, so its maximum is finite.
+        top = scores.amax(-1, keepdim=True)
+        out.append(scores.sub_(top).exp_().sum(-1).log_().add_(top.squeeze(-1)))
     return torch.cat(out, dim=2)
 
 
@@ -211,7 +256,8 @@ def saliency_capture_attention(module: nn.Module, query: torch.Tensor, key: torc
     if capture is not None:
         scaling = kwargs.get("scaling")
         capture.record_attention(module, query, key, attention_mask,
-                                 scaling if scaling is not None else query.shape[-1] ** -0.5)
+                                 scaling if scaling is not None else query.shape[-1] ** -0.5,
+                                 kwargs.get("sliding_window"))
     return output
 
 
