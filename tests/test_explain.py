@@ -288,6 +288,52 @@ def test_bad_arguments_are_named(processor, model64):
         generate_with_saliency(model64, processor, inputs, num_beams=2)
 
 
+class _Steer(LogitsProcessor):
+    """Forces every row along ``script``, one token per call (the prompt length need not be known)."""
+
+    def __init__(self, script):
+        self.script, self.step = script, 0
+
+    def __call__(self, input_ids, scores):
+        forced = torch.full_like(scores, float("-inf"))
+        forced[:, self.script[min(self.step, len(self.script) - 1)]] = 0.0
+        self.step += 1
+        return forced
+
+
+def test_explain_with_boxes_and_pictures(processor, tmp_path):
+    from saliency_r1.boxes import saliency_reward
+    from saliency_r1.viz import plot_explanation, plot_rollout_maps, save_png, upsample_map
+
+    model = build_tiny_model(processor, seed=0)
+    script, think, answer = _completion(processor, LONG_THINK[:8], [" red", " circle"], tagged=True)
+    image = _image(150, 210, 9)
+    box = "[0.1,0.2,0.5,0.9]"
+    result = explain(model, processor, image, "what colour is the circle?", boxes=box,
+                     logits_processor=LogitsProcessorList([_Steer(script)]))
+    assert result.valid and result.rollout.completion_ids[0].tolist() == script
+    assert result.think_tokens == LONG_THINK[:8] and result.answer_tokens == [" red", " circle"]
+    # the reward is measured on the original image, not the processor's resized one
+    want = float(saliency_reward([result.maps[0]], [box], [(150, 210)])[0])
+    assert result.reward == pytest.approx(want) and 0.0 <= result.reward <= 1.0
+    assert result.rollout.answer_to_think[0].shape == (2, 8)
+    assert [m.shape[0] for m in result.rollout.think_token_maps[0]] == [8]
+
+    heat = upsample_map(result.maps[0], 150, 210)
+    h, w = result.maps[0].shape
+    row, col = divmod(int(result.maps[0].argmax()), w)
+    y, x = np.unravel_index(heat.argmax(), heat.shape)
+    assert (int(y * h / 150), int(x * w / 210)) == (row, col)  # the brightest pixel lies in the brightest cell
+
+    for name, figure in (("explanation.png", plot_explanation(result, boxes=box)),
+                         ("rollout.png", plot_rollout_maps(result.rollout, 0, [image], boxes=box))):
+        path = tmp_path / name
+        save_png(figure, path)
+        picture = np.asarray(Image.open(path))
+        assert picture.ndim == 3 and picture.shape[0] > 200 and picture.shape[1] > 200
+        assert picture[..., :3].std() > 10  # something was drawn
+
+
 def test_explain_returns_completion_spans_and_maps(processor):
     model = build_tiny_model(processor, seed=0)
     image = _image(120, 90, 7)
