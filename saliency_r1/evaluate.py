@@ -37,7 +37,7 @@ def evaluate(model, processor, dataset, *, system_prompt: str, limit: int | None
 
     from saliency_r1.data import parse_normalised_boxes
     from saliency_r1.explain import generate_with_saliency
-    from saliency_r1.grpo.loop import prompt_inputs
+    from saliency_r1.grpo.loop import prompt_inputs, saliency_adapter
     from saliency_r1.metrics import energy_in_boxes, pixel_boxes, pointing_game_hit
     from saliency_r1.rewards import accuracy_reward, format_reward
 
@@ -45,6 +45,7 @@ def evaluate(model, processor, dataset, *, system_prompt: str, limit: int | None
     if count == 0:
         raise ValueError("evaluate needs at least one record")
     device = next(model.parameters()).device
+    adapter = saliency_adapter(model)
     totals = {"saliency_in_box": 0.0, "pointing_game": 0.0, "accuracy": 0.0, "format": 0.0, "valid": 0.0}
     was_training = model.training
     model.eval()
@@ -53,7 +54,7 @@ def evaluate(model, processor, dataset, *, system_prompt: str, limit: int | None
         examples = [dataset[i] for i in range(start, min(start + batch_size, count))]
         inputs = prompt_inputs(processor, examples, system_prompt).to(device)
         with torch.no_grad(), autocast or contextlib.nullcontext():
-            rollout = generate_with_saliency(model, processor, inputs, path=path, do_sample=False,
+            rollout = generate_with_saliency(model, processor, inputs, adapter=adapter, path=path, do_sample=False,
                                              max_new_tokens=max_new_tokens)
         totals["format"] += sum(format_reward(rollout.texts))
         totals["accuracy"] += sum(accuracy_reward(rollout.texts, solution=[e["solution"] for e in examples]))

@@ -14,7 +14,8 @@ import string
 
 import torch
 
-_FORMAT = re.compile(r"^\s*<think>(?P<think>.*?\S.*?)</think>\s*<answer>(?P<answer>.*?\S.*?)</answer>\s*$", re.DOTALL)
+_FORMAT = re.compile(r"^\s*<think>(?P<think>.*?)</think>\s*<answer>(?P<answer>.*?)</answer>\s*$", re.DOTALL)
+_TAG = re.compile(r"</?(think|answer)>")
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _CHOICE = re.compile(r"^\(?([A-Z])\)?(?=$|[.:)\s])")
 _NUMBER = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?$")
@@ -42,10 +43,11 @@ def is_well_formed(text: str) -> bool:
     True
     >>> is_well_formed("<think>red square</think><answer>red</answer><|im_end|>")
     True
-    >>> is_well_formed("<answer> red </answer>")
-    False
+    >>> is_well_formed("<answer> red </answer>"), is_well_formed("<think><think></think><answer></think><answer>x</answer>")
+    (False, False)
     """
-    return _FORMAT.match(_END_OF_TURN.sub("", text)) is not None
+    match = _FORMAT.match(_END_OF_TURN.sub("", text))
+    return match is not None and all(part.strip() and not _TAG.search(part) for part in match.groups())
 
 
 def extract_answer(text: str) -> str | None:

@@ -8,7 +8,7 @@ import torch
 import saliency_r1.rewards as rewards_module
 from saliency_r1.data import SyntheticGroundedVQA
 from saliency_r1.grpo.config import TrainConfig
-from saliency_r1.grpo.loop import cold_start, load_policy
+from saliency_r1.grpo.loop import export_cold_start, load_policy
 from saliency_r1.rewards import accuracy_reward, format_reward, saliency_reward
 from saliency_r1.tiny import SYSTEM_PROMPT
 
@@ -18,17 +18,19 @@ def test_reward_doctests():
 
 
 @pytest.mark.slow
-def test_trl_trainer_steps_with_saliency_rewards(tmp_path):
+def test_trl_trainer_steps_with_saliency_rewards(tmp_path, tmp_path_factory):
     from trl import GRPOConfig
 
     from saliency_r1.trl import SaliencyGRPOTrainer
 
-    # A cold-started tiny model: a random one never closes </answer>, and an invalid completion's
-    # saliency reward is 0 by definition, which would make the check below vacuous.
-    cfg = TrainConfig(cold_start_steps=60, prompts_per_step=2, num_generations=4)
-    model, processor = load_policy(cfg)
+    # A cold-started tiny model (the same one as test_train.py's): a random one never closes
+    # </answer>, and an invalid completion's saliency reward is 0 by definition, which would make
+    # the check below vacuous.
+    directory = tmp_path_factory.getbasetemp() / "cold-start-tiny"
+    if not (directory / "config.json").is_file():
+        export_cold_start(TrainConfig(cold_start_steps=40, prompts_per_step=2, num_generations=4), directory)
+    model, processor = load_policy(TrainConfig(model=str(directory)))
     data = SyntheticGroundedVQA(16, seed=5)
-    cold_start(model, processor, data, cfg, torch.device("cpu"))
 
     dataset = data.to_hf().map(lambda row: {"prompt": [{"role": "system", "content": SYSTEM_PROMPT},
                                                        {"role": "user", "content": row["problem"]}]})

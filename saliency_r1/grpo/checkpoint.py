@@ -84,7 +84,7 @@ def load_checkpoint(directory: str | Path, *, model, optimizer, scheduler, rank:
 
 
 def load_weights(model, directory: str | Path) -> None:
-    """Loads ``save_pretrained`` weights (full model or adapter) into ``model`` in place."""
+    """Loads ``save_pretrained`` weights (full model or adapter) into ``model`` in place, exactly."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
@@ -93,23 +93,10 @@ def load_weights(model, directory: str | Path) -> None:
 
         set_peft_model_state_dict(model, load_file(directory / "adapter_model.safetensors"))
         return
-    files = sorted(directory.glob("model*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no model*.safetensors in {directory}")
-    state = {}
-    for file in files:
-        state.update(load_file(file))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # Tied or non-persistent buffers may be absent from the file; real parameters may not.
-    absent = [name for name in missing if name in dict(model.named_parameters())
-              and not _is_tied(model, name)]
-    if absent or unexpected:
-        raise ValueError(f"checkpoint {directory} does not match the model: missing {absent[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-
-
-def _is_tied(model, name: str) -> bool:
-    return name.endswith("lm_head.weight") and getattr(model.config, "tie_word_embeddings", False)
+    # transformers renames keys between state_dict and file for some families (Qwen2.5-VL saves
+    # "visual.*" for "model.visual.*"): let from_pretrained undo its own mapping, then copy.
+    saved = type(model).from_pretrained(directory, dtype=next(model.parameters()).dtype)
+    model.load_state_dict(saved.state_dict())
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:

@@ -42,12 +42,37 @@ def load_policy(cfg: TrainConfig, dtype: torch.dtype = torch.float32):
         model = build_tiny_model(processor, seed=cfg.seed, dtype=dtype, num_hidden_layers=cfg.tiny_layers,
                                  hidden_size=cfg.tiny_hidden, intermediate_size=2 * cfg.tiny_hidden)
         return model, processor
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
-    processor = AutoProcessor.from_pretrained(cfg.model, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    processor = load_processor(cfg.model, cfg.min_pixels, cfg.max_pixels)
     model = AutoModelForImageTextToText.from_pretrained(
         cfg.model, dtype=dtype, attn_implementation={"text_config": "sdpa", "vision_config": "sdpa"})
     return model, processor
+
+
+def load_processor(path: str, min_pixels: int, max_pixels: int):
+    """``AutoProcessor`` of a checkpoint. A tiny-model checkpoint (saved without a video processor)
+    comes back from ``AutoProcessor`` as a bare tokenizer: its processor is rebuilt in code, and
+    its tokenizer checked against the saved one."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(path, min_pixels=min_pixels, max_pixels=max_pixels)
+    if hasattr(processor, "image_processor"):
+        return processor
+    from saliency_r1.tiny import build_tiny_processor
+
+    tiny = build_tiny_processor(min_pixels=min_pixels, max_pixels=max_pixels, vocab_size=len(processor))
+    if tiny.tokenizer.get_vocab() != processor.get_vocab():
+        raise ValueError(f"{path}: no processor saved, and its tokenizer is not the tiny model's")
+    return tiny
+
+
+def saliency_adapter(model):
+    """The capture's model adapter for ``model``, seen through a peft wrapper (LoRA layers sit
+    inside the same attention modules, so capturing the base model captures the adapted one)."""
+    from saliency_r1.adapters import get_adapter
+
+    return get_adapter(model.get_base_model() if hasattr(model, "get_base_model") else model)
 
 
 def load_data(cfg: TrainConfig):
@@ -223,6 +248,21 @@ def cold_start(model, processor, data, cfg: TrainConfig, device) -> list[float]:
     return losses
 
 
+def export_cold_start(cfg: TrainConfig, directory: str | Path) -> Path:
+    """Builds the tiny model, runs ``cfg.cold_start_steps`` of cold start and saves model and
+    processor to ``directory`` (``save_pretrained``), so that runs can start from it with
+    ``--model DIRECTORY --cold-start-steps 0`` (the evidence runs and the tests share one)."""
+    directory = Path(directory)
+    if cfg.model is not None:
+        raise ValueError("export_cold_start builds the tiny model: leave cfg.model unset")
+    model, processor = load_policy(cfg)
+    train_data, _ = load_data(cfg)
+    cold_start(model, processor, train_data, cfg, torch.device("cpu"))
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
 # ============================================================================ the run
 
 @dataclass
@@ -280,6 +320,7 @@ def train(cfg: TrainConfig) -> RunResult:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     policy = accelerator.unwrap_model(model)
+    adapter = saliency_adapter(policy)
 
     start_step, evaluations = 0, {}
     resume_from = latest_checkpoint(out) if cfg.resume == "auto" else cfg.resume
@@ -322,7 +363,8 @@ def train(cfg: TrainConfig) -> RunResult:
         inputs = prompt_inputs(processor, prompts, system, repeat=cfg.num_generations).to(device)
         policy.eval()
         with torch.no_grad(), _autocast(cfg, device):
-            rollout = generate_with_saliency(policy, processor, inputs, path=cfg.saliency_path, do_sample=True,
+            rollout = generate_with_saliency(policy, processor, inputs, adapter=adapter, path=cfg.saliency_path,
+                                             do_sample=True,
                                              temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
                                              max_new_tokens=cfg.max_completion_length)
         clock.lap("rollout")
@@ -342,9 +384,9 @@ def train(cfg: TrainConfig) -> RunResult:
         with torch.no_grad(), _autocast(cfg, device):
             # The ratio's denominator: the generating policy. Only needed when later inner
             # iterations have moved away from it; the first uses logps.detach().
-            old = [completion_logps(model, select(inputs, rows, pixel_rows), completion_ids[rows], mask[rows],
+            old = [completion_logps(policy, select(inputs, rows, pixel_rows), completion_ids[rows], mask[rows],
                                     cfg.temperature) for rows in micro] if cfg.inner_iterations > 1 else None
-            ref = [_reference_logps(reference, model, cfg, select(inputs, rows, pixel_rows), completion_ids[rows],
+            ref = [_reference_logps(reference, policy, cfg, select(inputs, rows, pixel_rows), completion_ids[rows],
                                     mask[rows]) for rows in micro] if cfg.beta != 0.0 else None
         clip_fraction = torch.zeros((), device=device)
         kl = torch.zeros((), device=device)
@@ -418,12 +460,11 @@ def train(cfg: TrainConfig) -> RunResult:
                      evaluations=evaluations)
 
 
-def _reference_logps(reference, model, cfg, prompt, completion_ids, mask):
+def _reference_logps(reference, policy, cfg, prompt, completion_ids, mask):
     if reference is not None:
         return completion_logps(reference, prompt, completion_ids, mask, cfg.temperature)
-    with model.disable_adapter() if hasattr(model, "disable_adapter") else \
-            model.module.disable_adapter():  # LoRA: the base model is the reference
-        return completion_logps(model, prompt, completion_ids, mask, cfg.temperature)
+    with policy.disable_adapter():  # LoRA: the base model is the reference
+        return completion_logps(policy, prompt, completion_ids, mask, cfg.temperature)
 
 
 def _flush(pending: list, accelerator) -> dict:
@@ -449,3 +490,26 @@ class _Clock:
         now = time.perf_counter()
         self.laps[name] = self.laps.get(name, 0.0) + now - self._last
         self._last = now
+
+
+def load_trained(checkpoint: str | Path):
+    """``(model, processor, cfg)`` of a checkpoint written by :func:`train`, ready for evaluation.
+
+    A full fine-tune loads from ``checkpoint/model``; a LoRA run rebuilds its base as the run did
+    (checkpoint path or tiny model, plus the deterministic cold start) and loads the adapter.
+    """
+    from saliency_r1.grpo.checkpoint import load_weights
+
+    checkpoint = Path(checkpoint)
+    cfg = TrainConfig.load(checkpoint / "config.yaml")
+    model, processor = load_policy(cfg)
+    if cfg.lora:
+        from peft import LoraConfig, get_peft_model
+
+        if cfg.cold_start_steps:
+            train_data, _ = load_data(cfg)
+            cold_start(model, processor, train_data, cfg, torch.device("cpu"))
+        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                                 lora_dropout=cfg.lora_dropout, target_modules=cfg.lora_targets))
+    load_weights(model, checkpoint / "model")
+    return model.eval(), processor, cfg

@@ -1,0 +1,108 @@
+"""The ``saliency-r1`` command.
+
+    saliency-r1 train                      # tiny VLM, synthetic set, CPU, a few minutes
+    saliency-r1 train --model Qwen/Qwen2.5-VL-3B-Instruct --data train.parquet --eval-data val.parquet \\
+        --lora true --learning-rate 1e-5 --num-generations 8 --max-completion-length 512 --bf16 true
+    accelerate launch saliency-r1 train ...  # several GPUs (DDP); FSDP/DeepSpeed through accelerate config
+    saliency-r1 evaluate runs/saliency-r1/checkpoint-40 [--data val.parquet] [--limit 200]
+    saliency-r1 explain runs/saliency-r1/checkpoint-40 --image cat.png --question "What is on the mat?"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _train(args: argparse.Namespace) -> int:
+    from saliency_r1.grpo.config import config_from_args
+    from saliency_r1.grpo.loop import train
+
+    cfg = config_from_args(args)
+    result = train(cfg)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(f"logs (JSONL):      {result.log_path}")
+        if "tensorboard" in cfg.report_to:
+            print(f"TensorBoard:       {Path(cfg.output_dir) / 'saliency-r1'}")
+        print(f"reward curves:     {result.plot_path}")
+        print(f"final checkpoint:  {result.checkpoint}")
+        for step, metrics in sorted(result.evaluations.items()):
+            print(f"held-out @ step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()
+                                                         if k != "samples"))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from saliency_r1.evaluate import evaluate
+    from saliency_r1.grpo.loop import load_data, load_trained, system_prompt
+
+    model, processor, cfg = load_trained(args.checkpoint)
+    if args.data:
+        from saliency_r1.data import load_saliency_data
+
+        dataset = load_saliency_data(args.data, max_image_side=cfg.max_image_side)
+    else:
+        _, dataset = load_data(cfg)
+        if dataset is None:
+            raise SystemExit("this run had no held-out data: pass --data")
+    metrics = evaluate(model, processor, dataset, system_prompt=system_prompt(cfg), limit=args.limit,
+                       max_new_tokens=cfg.max_completion_length, path=cfg.saliency_path)
+    print(json.dumps(metrics, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from saliency_r1.explain import explain
+    from saliency_r1.grpo.loop import load_trained, system_prompt
+
+    model, processor, cfg = load_trained(args.checkpoint)
+    image = Image.open(args.image).convert("RGB")
+    result = explain(model, processor, image, args.question, boxes=args.box, system_prompt=system_prompt(cfg),
+                     path=cfg.saliency_path, max_new_tokens=cfg.max_completion_length)
+    print(result.text)
+    print("valid:", result.valid, "| think:", "".join(result.think_tokens), "| answer:", "".join(result.answer_tokens))
+    if result.reward is not None:
+        print(f"saliency in box: {result.reward:.3f}")
+    if args.out:
+        from saliency_r1.viz import save_explanation
+
+        print("overlay:", save_explanation(result, args.out))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from saliency_r1.grpo.config import build_parser as config_parser
+
+    parser = argparse.ArgumentParser(prog="saliency-r1", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    config_parser(commands.add_parser("train", help="GRPO with saliency rewards (no arguments: the CPU demo)"))
+    evaluate = commands.add_parser("evaluate", help="held-out saliency-in-box, pointing game and accuracy")
+    evaluate.add_argument("checkpoint", help="a checkpoint directory written by train")
+    evaluate.add_argument("--data", help="held-out data in the Saliency-R1 format (default: the run's)")
+    evaluate.add_argument("--limit", type=int, default=None, help="evaluate the first N records")
+    evaluate.add_argument("--out", help="also write the metrics to this JSON file")
+    explain = commands.add_parser("explain", help="answer one question and show where the answer looked")
+    explain.add_argument("checkpoint", help="a checkpoint directory written by train")
+    explain.add_argument("--image", required=True, help="image file")
+    explain.add_argument("--question", required=True, help="the question")
+    explain.add_argument("--box", default=None, help="evidence box, normalised '[x1,y1,x2,y2]' (prints the reward)")
+    explain.add_argument("--out", default=None, help="write the saliency overlay PNG here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return {"train": _train, "evaluate": _evaluate, "explain": _explain}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

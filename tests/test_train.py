@@ -1,0 +1,126 @@
+"""The GRPO loop on the tiny model: steps run and learn something, resume is exact, two processes agree."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from saliency_r1.grpo.checkpoint import latest_checkpoint
+from saliency_r1.grpo.config import TrainConfig
+from saliency_r1.grpo.loop import PromptOrder, export_cold_start, pad_completions, train
+from saliency_r1.grpo.plots import read_log
+
+# Small enough for seconds per run on 2 cores.
+SMALL = dict(prompts_per_step=2, num_generations=2, max_completion_length=12, train_size=16, eval_size=2,
+             eval_limit=2, micro_batch_size=3, progress=False)
+
+
+@pytest.fixture(scope="module")
+def cold_model(tmp_path_factory) -> str:
+    """The tiny model after a short cold start, made once per session (test_trl.py shares it): its
+    completions are well formed, so every reward term, saliency included, is live."""
+    directory = tmp_path_factory.getbasetemp() / "cold-start-tiny"
+    if not (directory / "config.json").is_file():
+        export_cold_start(TrainConfig(cold_start_steps=40, prompts_per_step=2, num_generations=4), directory)
+    return str(directory)
+
+
+def _weights(checkpoint) -> dict[str, torch.Tensor]:
+    return load_file(checkpoint / "model" / "model.safetensors")
+
+
+def test_prompt_order_is_a_function_of_position():
+    order = PromptOrder(5, seed=3)
+    first = [order[p] for p in range(12)]
+    assert sorted(first[:5]) == list(range(5)) and sorted(first[5:10]) == list(range(5))
+    assert [PromptOrder(5, seed=3)[p] for p in range(12)] == first  # no state beyond the seed
+
+
+def test_pad_completions():
+    ids, mask = pad_completions([torch.tensor([5, 6, 7]), torch.tensor([8])], pad_id=0, device="cpu")
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+@pytest.mark.slow
+def test_steps_logs_plot_and_exact_resume(tmp_path, cold_model):
+    full = TrainConfig(**SMALL, model=cold_model, steps=4, save_every=2, output_dir=str(tmp_path / "full"), inner_iterations=2,
+                       beta=0.05)
+    result = train(full)
+    records = read_log(result.log_path)
+    steps = [r for r in records if r.get("split", "train") == "train"]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for r in steps:
+        for key in ("reward/format", "reward/accuracy", "reward/saliency", "saliency_in_box", "pointing_game",
+                    "kl", "clip_fraction", "completion_length/mean", "tokens_per_second", "time/generation",
+                    "time/saliency", "time/reward", "time/update"):
+            assert key in r and r[key] == r[key], key  # present and not NaN
+        assert 0 <= r["saliency_in_box"] <= 1 and r["kl"] >= 0
+    assert any(r["reward/format"] > 0 for r in steps)  # the cold start made well-formed completions
+    assert {r["step"] for r in records if r.get("split") == "eval"} == {0, 4}
+    assert result.plot_path.stat().st_size > 10_000
+    saved = TrainConfig.load(result.checkpoint / "config.yaml")
+    assert saved == full
+    assert json.loads((result.checkpoint / "state.json").read_text())["data_position"] == 8
+
+    # Interrupted after step 2 (the process ends at a checkpoint), then resumed to step 4.
+    part = TrainConfig(**{**full.to_dict(), "steps": 2, "output_dir": str(tmp_path / "part")})
+    train(part)
+    resumed = TrainConfig(**{**full.to_dict(), "output_dir": str(tmp_path / "part"), "resume": "auto"})
+    assert latest_checkpoint(tmp_path / "part").name == "checkpoint-2"
+    train(resumed)
+    a, b = _weights(result.checkpoint), _weights(tmp_path / "part" / "checkpoint-4")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    # and training moved the weights
+    c = _weights(tmp_path / "full" / "checkpoint-2")
+    assert any(not torch.equal(a[n], c[n]) for n in a)
+
+
+@pytest.mark.slow
+def test_lora_run_saves_an_adapter(tmp_path, cold_model):
+    cfg = TrainConfig(**SMALL, model=cold_model, steps=1, lora=True, output_dir=str(tmp_path), learning_rate=1e-2)
+    result = train(cfg)
+    files = sorted(p.name for p in (result.checkpoint / "model").iterdir())
+    assert "adapter_model.safetensors" in files and "model.safetensors" not in files
+    adapter = load_file(result.checkpoint / "model" / "adapter_model.safetensors")
+    assert adapter and all("q_proj" in k or "v_proj" in k for k in adapter)
+
+
+@pytest.mark.slow
+def test_two_processes_agree(tmp_path, cold_model):
+    script = tmp_path / "run.py"
+    # The loop returns no model: each process dumps the parameters it trained when it checkpoints.
+    script.write_text(textwrap.dedent(f"""
+        import torch, torch.distributed as dist
+        import saliency_r1.grpo.checkpoint as checkpoint
+        from saliency_r1.grpo.config import TrainConfig
+        from saliency_r1.grpo.loop import train
+
+        save = checkpoint.save_checkpoint
+        def save_and_dump(directory, *, model, **kwargs):
+            state = {{n: p.detach().clone() for n, p in model.named_parameters()}}
+            torch.save(state, {str(tmp_path)!r} + f"/params-{{kwargs['rank']}}.pt")
+            return save(directory, model=model, **kwargs)
+        import saliency_r1.grpo.loop as loop
+        loop.save_checkpoint = save_and_dump
+        cfg = TrainConfig(**{SMALL!r}, model={cold_model!r}, steps=2, save_every=0,
+                          output_dir={str(tmp_path / "out")!r})
+        train(cfg)
+        assert dist.get_world_size() == 2
+    """))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    p0, p1 = torch.load(tmp_path / "params-0.pt"), torch.load(tmp_path / "params-1.pt")
+    assert p0.keys() == p1.keys() and p0
+    for name in p0:
+        assert torch.equal(p0[name], p1[name]), name
+    records = read_log(tmp_path / "out" / "train.jsonl")
+    assert [r["step"] for r in records if r.get("split", "train") == "train"] == [1, 2]
