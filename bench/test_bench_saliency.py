@@ -198,7 +198,7 @@ def test_bench_layer_saliency_vs_public_way(benchmark, device, cfg):
             torch.cuda.synchronize()
         return result
 
-    ours_result = benchmark.pedantic(run_ours, warmup_rounds=1, rounds=5 if cuda else 3)
+    ours_result = benchmark.pedantic(run_ours, warmup_rounds=2, rounds=10)
     ours_s = benchmark.stats.stats.median
 
     # The op alone (answer vectors precomputed): the figure for the "< 5 ms per rollout" goal on GPU.
