@@ -213,3 +213,30 @@ def test_nothing_recorded_is_an_error():
         capture.result()
     with pytest.raises(ValueError, match="first_row"):
         SaliencyCapture(capture.adapter, first_row=-1)
+
+
+def test_sliding_window_rows_are_reduced_at_once():
+    """A decode row of a sliding-window layer has its LSE computed in the call (its mask is no prefix of
+    later ones); a full-attention decode row is deferred to result(), with the same value."""
+    processor = build_tiny_processor()
+    adapter = get_adapter(build_tiny_model(processor))
+    module = adapter.attention_modules[0]
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, adapter.num_heads, 1, adapter.head_dim, generator=gen)
+    k = torch.randn(2, adapter.num_kv_heads, 6, adapter.head_dim, generator=gen)
+    mask = torch.ones(2, 1, 1, 6, dtype=torch.bool)
+    mask[0, ..., :2] = False
+    window = SaliencyCapture(adapter, first_row=5, num_rows=1)
+    deferred = SaliencyCapture(adapter, first_row=5, num_rows=1)
+    for capture, sliding in ((window, 4), (deferred, None)):
+        capture._seen[0] = 5  # this call's row sits at position 5
+        capture.record_attention(module, q, k, mask, adapter.scale, sliding)
+    assert window._lse[0][0] is not None and deferred._lse[0][0] is None
+    scores = q @ k.repeat_interleave(adapter.num_heads // adapter.num_kv_heads, dim=1).transpose(-1, -2)
+    want = torch.logsumexp((scores * adapter.scale).masked_fill(~mask, float("-inf")), dim=-1)
+    torch.testing.assert_close(window._lse[0][0], want)
+    deferred._rms.append(torch.ones(2, 1))
+    for layer in range(1, adapter.num_layers):  # result() stacks every layer: give the others one row too
+        deferred._queries[layer].append(q)
+        deferred._lse[layer].append(want)
+    torch.testing.assert_close(deferred.result().lse[0], want)
