@@ -72,9 +72,10 @@ def _explain(args: argparse.Namespace) -> int:
     if result.reward is not None:
         print(f"saliency in box: {result.reward:.3f}")
     if args.out:
-        from saliency_r1.viz import save_explanation
+        from saliency_r1.viz import plot_explanation, save_png
 
-        print("overlay:", save_explanation(result, args.out))
+        save_png(plot_explanation(result, boxes=args.box), args.out)
+        print("overlay:", args.out)
     return 0
 
 
