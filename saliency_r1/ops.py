@@ -121,6 +121,7 @@ def layer_saliency(q_think: torch.Tensor, lse_think: torch.Tensor, q_answer: tor
 
     Returns:
         ``[B, A, N]``, float64 for float64 inputs, else float32 (bf16/fp16 accumulate in fp32).
+        float64 is served on CPU only; the CUDA (Triton) kernel takes fp32, bf16 and fp16.
     """
     return torch.ops.saliency.layer_saliency(q_think, lse_think, q_answer, lse_answer, k_think, k_image,
                                              v_image, u_answer, lengths, scale, path)
