@@ -15,8 +15,9 @@ forward hook on the norm. The vision tower is not touched.
 
 Ways to turn it on:
 
-- at load time: ``from_pretrained(..., attn_implementation={"text_config": "saliency_capture",
-  "vision_config": "sdpa"})``; without an active capture it behaves as ``"sdpa"``;
+- at load time (after ``import saliency_r1.capture``, which registers it):
+  ``from_pretrained(..., attn_implementation={"text_config": "saliency_capture", "vision_config": "sdpa"})``;
+  without an active capture it behaves as ``"sdpa"``;
 - for a block of code: ``with capture_saliency(model, first_row=P - 1) as capture: model.generate(...)``
   (switches the language model's attention to the capture, restores it on exit).
 
@@ -35,6 +36,9 @@ from typing import Iterator
 
 import torch
 from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from saliency_r1.adapters import ModelAdapter, get_adapter
 
@@ -249,8 +253,6 @@ def saliency_capture_attention(module: nn.Module, query: torch.Tensor, key: torc
 
     Shapes as transformers passes them: ``query [B, H, q, d]``, ``key``/``value [B, H_kv, k, d]``.
     """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     capture = kwargs.pop("saliency_capture", None) or _ACTIVE.get()
     output = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if capture is not None:
@@ -262,12 +264,13 @@ def saliency_capture_attention(module: nn.Module, query: torch.Tensor, key: torc
 
 
 def register_capture_attention() -> None:
-    """Register ``"saliency_capture"`` with transformers (attention function and its SDPA mask); idempotent."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
+    """Register ``"saliency_capture"`` with transformers (attention function and its SDPA mask); idempotent.
+    Importing this module already did."""
     AttentionInterface.register(CAPTURE_ATTENTION, saliency_capture_attention)
     AttentionMaskInterface.register(CAPTURE_ATTENTION, sdpa_mask)
+
+
+register_capture_attention()
 
 
 @contextlib.contextmanager
