@@ -1,0 +1,83 @@
+"""Reward functions in TRL's form: format, accuracy, saliency."""
+
+import doctest
+
+import pytest
+import torch
+from PIL import Image
+
+import saliency_r1.rewards as rewards_module
+from saliency_r1.metrics import energy_in_boxes, pixel_boxes
+from saliency_r1.rewards import (accuracy_reward, answers_match, completion_text, format_reward, saliency_reward,
+                                 saliency_rewards)
+
+
+def test_doctests():
+    assert doctest.testmod(rewards_module).failed == 0
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("<think>red square</think><answer>red</answer>", 1.0),
+    ("  <think> a\nb </think>\n<answer> red </answer><|im_end|>", 1.0),
+    ("<think>x</think><answer>y</answer><|endoftext|><|endoftext|>", 1.0),
+    ("<think></think><answer>red</answer>", 0.0),           # empty reasoning
+    ("<think>x</think><answer> </answer>", 0.0),            # empty answer
+    ("<think>x</think>red", 0.0),
+    ("<answer>red</answer><think>x</think>", 0.0),
+    ("<think>x</think><answer>red</answer> and more", 0.0),
+    ("<think><think>x</think><answer>a</answer>", 0.0),     # nested tag
+])
+def test_format(text, expected):
+    assert format_reward([text]) == [expected]
+
+
+@pytest.mark.parametrize("prediction, solution, expected", [
+    ("red", "red", True), ("The Red.", "red", True), ("blue", "red", False),
+    ("B", "B", True), ("(B)", "B", True), ("B. a cat", "(B) cat", True), ("b", "B", False), ("C", "B", False),
+    ("3", "3.0", True), ("3.0000001", "3", True), ("3.1", "3", False), ("1,000", "1000", True),
+    ("50%", "50", True), ("-2", "-2.0", True), ("two", "2", False),
+])
+def test_answers_match(prediction, solution, expected):
+    assert answers_match(prediction, solution) is expected
+
+
+def test_accuracy_needs_an_answer_tag_and_one_solution_each():
+    assert accuracy_reward(["red", "<think>x</think><answer>red</answer>"], solution=["red", "red"]) == [0.0, 1.0]
+    with pytest.raises(ValueError, match="solution"):
+        accuracy_reward(["a", "b"], solution=["a"])
+
+
+def test_conversational_completions():
+    message = [{"role": "assistant", "content": "<think>x</think><answer>red</answer>"}]
+    parts = [{"role": "assistant", "content": [{"type": "text", "text": "<think>x</think><answer>red</answer>"}]}]
+    assert completion_text(message) == completion_text(parts) == "<think>x</think><answer>red</answer>"
+    assert format_reward([message, parts]) == [1.0, 1.0]
+    with pytest.raises(TypeError, match="completion"):
+        completion_text(3)
+
+
+@pytest.mark.parametrize("grid, size", [((4, 4), (112, 112)), ((3, 5), (90, 150)), ((6, 42), (123, 431))])
+def test_saliency_reward_is_the_energy_in_the_box(grid, size):
+    g = torch.Generator().manual_seed(grid[1])
+    maps = [[torch.randn(grid, generator=g)] for _ in range(3)]
+    boxes = ["[0.1,0.2,0.5,0.6]", "[[0.0,0.0,0.3,1.0],[0.2,0.5,0.9,0.9]]", "[0.5,0.5,1.0,1.0]"]
+    image = Image.new("RGB", (size[1], size[0]))
+    valid = [1.0, 1.0, 0.0]
+    got = saliency_reward([""] * 3, saliency_maps=maps, bbox=boxes, image=[image] * 3, saliency_valid=valid)
+    from saliency_r1.data import parse_normalised_boxes
+
+    expected = [energy_in_boxes(m[0], size, pixel_boxes(parse_normalised_boxes(b), *size)) * v
+                for m, b, v in zip(maps, boxes, valid)]
+    assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert got[2] == 0.0  # invalid completion
+    tensor = saliency_rewards(maps, boxes, [[image]] * 3, torch.tensor(valid))  # TRL's "images" column form
+    assert tensor.dtype == torch.float32 and tensor.tolist() == pytest.approx(got)
+
+
+def test_saliency_reward_names_missing_inputs():
+    grid = [[torch.ones(2, 2)]]
+    with pytest.raises(ValueError, match="image"):
+        saliency_reward([""], saliency_maps=grid, bbox=["[0,0,1,1]"])
+    with pytest.raises(ValueError, match="one entry per completion"):
+        saliency_rewards(grid, ["[0,0,1,1]", "[0,0,1,1]"], [Image.new("RGB", (4, 4))])
+    assert saliency_rewards([[]], ["[0,0,1,1]"], [Image.new("RGB", (4, 4))]).tolist() == [0.0]  # no map
