@@ -33,6 +33,9 @@ from saliency_r1.spans import Spans, end_of_turn_ids, find_spans, trim_completio
 
 _PATHS = ("cot", "direct", "both")
 
+__all__ = ["Explanation", "RolloutSaliency", "explain", "generate_with_saliency", "saliency_for_completions",
+           "saliency_from_capture"]
+
 
 @dataclass
 class RolloutSaliency:
@@ -82,6 +85,22 @@ class RolloutSaliency:
     def display_maps(self) -> list[list[torch.Tensor]]:
         """``relu`` of :attr:`maps` (what a person looks at; the reward op applies ``relu`` itself)."""
         return [[m.clamp(min=0) for m in per_image] for per_image in self.maps]
+
+    def reward(self, boxes: Sequence, image_sizes: Sequence) -> torch.Tensor:
+        """The saliency reward of every rollout (SPEC.md section 4) on its first image's map, times ``valid``.
+
+        Args:
+            boxes: per rollout, its normalised box(es) (any form ``saliency_r1.boxes.parse_boxes`` takes).
+            image_sizes: per rollout, the ORIGINAL image's ``(H, W)`` in pixels (the map is stretched over it).
+
+        Returns:
+            float32 ``[B]``.
+        """
+        from saliency_r1.boxes import saliency_reward
+
+        if any(not per_image for per_image in self.maps):
+            raise ValueError("a rollout has no image map: the saliency reward needs an image in every prompt")
+        return saliency_reward([per_image[0] for per_image in self.maps], boxes, image_sizes, valid=self.valid)
 
 
 @dataclass
@@ -466,11 +485,7 @@ def explain(model: nn.Module, processor, image, question: str, *, boxes=None, sy
     pieces = tokenizer.batch_decode([[ids[k]] for k in range(len(ids))], skip_special_tokens=False,
                                     clean_up_tokenization_spaces=False)
     image_sizes = [(im.height, im.width) for im in images]
-    reward = None
-    if boxes is not None:
-        from saliency_r1.boxes import saliency_reward
-
-        reward = float(saliency_reward([rollout.maps[0][0]], [boxes], [image_sizes[0]], valid=rollout.valid)[0])
+    reward = None if boxes is None else float(rollout.reward([boxes], [image_sizes[0]])[0])
     return Explanation(text=rollout.texts[0], valid=bool(spans.valid), maps=rollout.maps[0],
                        think_tokens=[pieces[k] for k in spans.think], answer_tokens=[pieces[k] for k in spans.answer],
                        image_sizes=image_sizes, images=images, reward=reward, rollout=rollout)

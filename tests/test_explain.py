@@ -261,6 +261,7 @@ def test_invalid_completion_gives_zero_map_and_validity(processor, model64):
     bad = tok("red circle", add_special_tokens=False).input_ids + [tok.convert_tokens_to_ids("<|im_end|>")]
     result = saliency_for_completions(model64, processor, inputs, [bad, good])
     assert result.valid.tolist() == [0.0, 1.0]
+    assert result.reward([[0, 0, 1, 1]] * 2, [(60, 60)] * 2).tolist() == [0.0, 1.0]  # invalid: 0, whole image: 1
     assert not result.spans[0].valid and result.spans[0].answer == []
     assert all(bool((m == 0).all()) for m in result.maps[0])
     assert result.answer_token_maps[0][0].shape[0] == 0
@@ -316,6 +317,7 @@ def test_explain_with_boxes_and_pictures(processor, tmp_path):
     # the reward is measured on the original image, not the processor's resized one
     want = float(saliency_reward([result.maps[0]], [box], [(150, 210)])[0])
     assert result.reward == pytest.approx(want) and 0.0 <= result.reward <= 1.0
+    assert result.rollout.reward([box], [(150, 210)]).tolist() == pytest.approx([want])
     assert result.rollout.answer_to_think[0].shape == (2, 8)
     assert [m.shape[0] for m in result.rollout.think_token_maps[0]] == [8]
 
