@@ -42,6 +42,7 @@ class TrainConfig:
     data_seed: int = _f(0, "Synthetic set: seed of the training images.")
     eval_seed: int = _f(10_000, "Synthetic set: seed of the held-out images (different from data_seed).")
     image_size: int = _f(112, "Synthetic set: image side in pixels (112 -> a 4 x 4 grid of image tokens).")
+    num_objects: int = _f(3, "Synthetic set: objects per image (distinct colours and shapes; 1 to 4).")
     min_pixels: int = _f(56 * 56, "Processor: smallest image area after resizing.")
     max_pixels: int = _f(224 * 224, "Processor: largest image area after resizing (real models: e.g. 512*512).")
     system_prompt: str | None = _f(None, "System prompt. Unset: reason in <think></think>, answer in <answer></answer>.")
@@ -87,8 +88,8 @@ class TrainConfig:
     lora_alpha: int = _f(16, "LoRA alpha.")
     lora_dropout: float = _f(0.0, "LoRA dropout.")
     lora_targets: list[str] = _f(["q_proj", "v_proj"], "Modules that get LoRA adapters (paper: q_proj, v_proj).")
-    cold_start_steps: int = _f(0, "Supervised steps on templated completions before GRPO (the paper's cold "
-                                  "start; only for the synthetic set, whose reasoning can be written out).")
+    cold_start_steps: int = _f(300, "Tiny model only: supervised steps on worked completions of the synthetic "
+                                    "set before GRPO (the paper's cold start; a real checkpoint brings its own).")
     cold_start_lr: float = _f(3e-3, "Learning rate of the cold-start steps.")
 
     # ---------------------------------------------------------------- bookkeeping

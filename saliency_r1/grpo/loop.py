@@ -80,7 +80,7 @@ def load_data(cfg: TrainConfig):
     from saliency_r1.data import SyntheticConfig, SyntheticGroundedVQA, load_saliency_data
 
     if cfg.data is None:
-        drawing = SyntheticConfig(image_size=cfg.image_size)
+        drawing = SyntheticConfig(image_size=cfg.image_size, num_objects=cfg.num_objects)
         return (SyntheticGroundedVQA(cfg.train_size, seed=cfg.data_seed, config=drawing),
                 SyntheticGroundedVQA(cfg.eval_size, seed=cfg.eval_seed, config=drawing))
     train = load_saliency_data(cfg.data, max_image_side=cfg.max_image_side)
@@ -303,8 +303,9 @@ def train(cfg: TrainConfig) -> RunResult:
     extra = [load_reward_callable(spec) for spec in cfg.extra_rewards]
     weights = {"format": cfg.format_weight, "accuracy": cfg.accuracy_weight, "saliency": cfg.saliency_weight}
 
-    # Cold start (deterministic; rerun on resume, where the checkpoint's weights then replace it).
-    if cfg.cold_start_steps:
+    # Cold start of the tiny model (deterministic; rerun on resume, where the checkpoint's weights
+    # then replace it).
+    if cfg.cold_start_steps and cfg.model is None:
         cold_start(model, processor, train_data, cfg, device)
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
@@ -506,7 +507,7 @@ def load_trained(checkpoint: str | Path):
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
 
-        if cfg.cold_start_steps:
+        if cfg.cold_start_steps and cfg.model is None:
             train_data, _ = load_data(cfg)
             cold_start(model, processor, train_data, cfg, torch.device("cpu"))
         model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
