@@ -58,7 +58,7 @@ def answer_logit_directions(norm_weight: torch.Tensor, unembedding: torch.Tensor
                          f"[{int(answer_token_ids.min())}, {int(answer_token_ids.max())}]")
     dtype = _compute_dtype(norm_weight, unembedding, rms)
     rows = unembedding.index_select(0, answer_token_ids.reshape(-1).long()).to(dtype)  # [B * A, D]
-    rows = rows.view(*answer_token_ids.shape, -1)
+    rows = rows.view(*answer_token_ids.shape, unembedding.shape[1])  # explicit D: A may be 0
     return rows * norm_weight.to(dtype) / rms.to(dtype).unsqueeze(-1)
 
 
@@ -86,4 +86,4 @@ def project_answer_vectors(g: torch.Tensor, o_proj_weight: torch.Tensor, num_hea
     dtype = _compute_dtype(g, o_proj_weight)
     batch, answers, _ = g.shape
     u = g.to(dtype) @ o_proj_weight.to(dtype)  # [B, A, H * d]: row a is W_O^T g_a, head blocks side by side
-    return u.view(batch, answers, num_heads, -1).transpose(1, 2).contiguous()
+    return u.view(batch, answers, num_heads, o_proj_weight.shape[1] // num_heads).transpose(1, 2).contiguous()

@@ -74,3 +74,10 @@ def test_only_the_answer_rows_of_the_unembedding_are_read():
 def test_bad_input_names_the_argument(call, error, message):
     with pytest.raises(error, match=message):
         call(_model())
+
+
+def test_no_answer_tokens_give_empty_vectors():
+    norm, unembedding, o_proj = torch.randn(8), torch.randn(50, 8), torch.randn(8, 4 * 2)
+    g = answer_logit_directions(norm, unembedding, torch.zeros(3, 0, dtype=torch.long), torch.ones(3, 0))
+    assert g.shape == (3, 0, 8)
+    assert project_answer_vectors(g, o_proj, num_heads=4).shape == (3, 4, 0, 2)
