@@ -33,11 +33,12 @@ def test_train_evaluate_explain(tmp_path, tmp_path_factory, capsys):
     out = tmp_path / "run"
     assert main(["train", "--model", str(cold), "--steps", "1", "--prompts-per-step", "2", "--num-generations", "2",
                  "--max-completion-length", "12", "--eval-size", "2", "--eval-limit", "2", "--output-dir", str(out),
-                 "--progress", "false"]) == 0
+                 "--progress", "false", "--report-to", "tensorboard"]) == 0
     printed = capsys.readouterr().out
-    for line in ("logs (JSONL):", "reward curves:", "final checkpoint:", "held-out @ step 1:"):
+    for line in ("logs (JSONL):", "TensorBoard:", "reward curves:", "final checkpoint:", "held-out @ step 1:"):
         assert line in printed
     assert (out / "train.jsonl").is_file() and (out / "reward_curves.png").is_file()
+    assert list((out / "saliency-r1").rglob("events.out.tfevents.*"))
 
     checkpoint = out / "checkpoint-1"
     assert main(["evaluate", str(checkpoint), "--limit", "2", "--out", str(tmp_path / "eval.json")]) == 0

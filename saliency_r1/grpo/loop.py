@@ -334,7 +334,10 @@ def train(cfg: TrainConfig) -> RunResult:
     log_path = out / "train.jsonl"
     if accelerator.is_main_process and not resume_from:
         log_path.write_text("")
-    accelerator.init_trackers("saliency-r1", config=cfg.to_dict()) if cfg.report_to else None
+    if cfg.report_to:
+        # Trackers take scalar hyper-parameters only (TensorBoard's hparams): lists and None as text.
+        accelerator.init_trackers("saliency-r1", config={
+            k: ",".join(v) if isinstance(v, list) else "" if v is None else v for k, v in cfg.to_dict().items()})
 
     def run_evaluation(step: int) -> None:
         if held_out is None or not accelerator.is_main_process:
