@@ -184,7 +184,7 @@ def load_reward_callable(spec: str):
     return getattr(importlib.import_module(module), name)
 
 
-def score(rollout, examples: list[dict], cfg: TrainConfig, extra: list) -> dict[str, torch.Tensor]:
+def score(rollout, examples: list[dict], extra: list) -> dict[str, torch.Tensor]:
     """Each reward component per rollout (float32 ``[B]``, on the maps' device), unweighted."""
     from saliency_r1.rewards import accuracy_reward, format_reward, saliency_rewards
 
@@ -374,7 +374,7 @@ def train(cfg: TrainConfig) -> RunResult:
         clock.lap("rollout")
 
         # ---- 2. rewards, 3. group-normalised advantages
-        scores = score(rollout, examples, cfg, extra)
+        scores = score(rollout, examples, extra)
         total = sum(weights.get(name, 1.0) * value.nan_to_num(0.0) for name, value in scores.items())
         advantages = group_advantages(total, cfg.num_generations, cfg.advantage_scale)
         clock.lap("reward")
