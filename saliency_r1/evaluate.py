@@ -14,7 +14,7 @@ import torch
 
 def evaluate(model, processor, dataset, *, system_prompt: str, limit: int | None = None, batch_size: int = 8,
              max_new_tokens: int = 64, path: str = "cot", progress: bool = True,
-             autocast=None, tolerance: float = 15.0) -> dict[str, float]:
+             bf16: bool = False, tolerance: float = 15.0) -> dict[str, float]:
     """Greedy completions on ``dataset`` with saliency, and their metrics.
 
     Args:
@@ -27,7 +27,7 @@ def evaluate(model, processor, dataset, *, system_prompt: str, limit: int | None
         max_new_tokens: completion length limit.
         path: saliency path (``cot``, ``direct``, ``both``).
         progress: show a tqdm bar.
-        autocast: context manager entered around generation (bf16 on GPU).
+        bf16: run generation under bf16 autocast (on a GPU).
         tolerance: pointing-game radius in pixels.
 
     Returns:
@@ -53,7 +53,8 @@ def evaluate(model, processor, dataset, *, system_prompt: str, limit: int | None
     for start in range(0, count, batch_size):
         examples = [dataset[i] for i in range(start, min(start + batch_size, count))]
         inputs = prompt_inputs(processor, examples, system_prompt).to(device)
-        with torch.no_grad(), autocast or contextlib.nullcontext():
+        precision = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        with torch.no_grad(), precision:
             rollout = generate_with_saliency(model, processor, inputs, adapter=adapter, path=path, do_sample=False,
                                              max_new_tokens=max_new_tokens)
         totals["format"] += sum(format_reward(rollout.texts))

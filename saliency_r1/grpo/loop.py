@@ -275,9 +275,12 @@ class RunResult:
     evaluations: dict[int, dict] = field(default_factory=dict)
 
 
+def _bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    return cfg.bf16 == "true" or (cfg.bf16 == "auto" and device.type == "cuda")
+
+
 def _autocast(cfg: TrainConfig, device: torch.device):
-    on = cfg.bf16 == "true" or (cfg.bf16 == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16) if _bf16(cfg, device) else contextlib.nullcontext()
 
 
 def train(cfg: TrainConfig) -> RunResult:
@@ -344,7 +347,7 @@ def train(cfg: TrainConfig) -> RunResult:
             return
         metrics = evaluate(policy, processor, held_out, system_prompt=system, limit=cfg.eval_limit,
                            max_new_tokens=cfg.max_completion_length, path=cfg.saliency_path,
-                           progress=cfg.progress, autocast=_autocast(cfg, device))
+                           progress=cfg.progress, bf16=_bf16(cfg, device))
         evaluations[step] = metrics
         record = {"step": step, "split": "eval", **{f"eval/{k}": v for k, v in metrics.items()}}
         with log_path.open("a") as log:
