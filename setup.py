@@ -5,6 +5,7 @@ second torch pulled into a temporary environment, and the library would not load
 """
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,9 @@ class CMakeBuild(build_ext):
         except ImportError:
             sys.exit("saliency-r1 builds its CPU kernels against the installed torch: install torch first "
                      "(CPU: pip install torch==2.13.0), then pip install --no-build-isolation -e .")
+        if shutil.which("cmake") is None:
+            sys.exit("saliency-r1 builds its CPU kernels with CMake (>= 3.18), which is not on PATH: "
+                     "install it (pip install cmake, or your system's package), then build again.")
         target = Path(self.get_ext_fullpath(ext.name)).resolve()
         target.parent.mkdir(parents=True, exist_ok=True)
         build_dir = Path(self.build_temp).resolve() / "cmake"
