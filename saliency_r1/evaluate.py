@@ -37,7 +37,7 @@ def evaluate(model, processor, dataset, *, system_prompt: str, limit: int | None
 
     from saliency_r1.data import parse_normalised_boxes
     from saliency_r1.explain import generate_with_saliency
-    from saliency_r1.grpo.loop import prompt_inputs, saliency_adapter
+    from saliency_r1.grpo.loop import prompt_inputs, saliency_adapter, vision_token_ids
     from saliency_r1.metrics import energy_in_boxes, pixel_boxes, pointing_game_hit
     from saliency_r1.rewards import accuracy_reward, format_reward
 
@@ -56,7 +56,8 @@ def evaluate(model, processor, dataset, *, system_prompt: str, limit: int | None
         precision = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         with torch.no_grad(), precision:
             rollout = generate_with_saliency(model, processor, inputs, adapter=adapter, path=path, do_sample=False,
-                                             max_new_tokens=max_new_tokens)
+                                             max_new_tokens=max_new_tokens,
+                                             suppress_tokens=vision_token_ids(adapter.model))
         totals["format"] += sum(format_reward(rollout.texts))
         totals["accuracy"] += sum(accuracy_reward(rollout.texts, solution=[e["solution"] for e in examples]))
         for maps, valid, example in zip(rollout.maps, rollout.valid.tolist(), examples):

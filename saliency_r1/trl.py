@@ -27,7 +27,7 @@ from trl import GRPOTrainer
 from trl.models.utils import unwrap_model_for_generation
 
 from saliency_r1.explain import saliency_for_completions
-from saliency_r1.grpo.loop import saliency_adapter
+from saliency_r1.grpo.loop import saliency_adapter, vision_token_ids
 
 
 def _wants_saliency(func) -> bool:
@@ -55,6 +55,12 @@ class SaliencyGRPOTrainer(GRPOTrainer):
         super().__init__(*args, **kwargs)
         self.saliency_path = saliency_path
         self._needs_saliency = any(_wants_saliency(f) for f in self.reward_funcs)
+        # A sampled <|image_pad|> breaks every later teacher-forced forward (image features are placed
+        # on it): never sample vision placeholders (transformers generation; vLLM is configured apart).
+        generation = getattr(self, "generation_config", None)
+        if generation is not None:
+            generation.suppress_tokens = sorted(set(generation.suppress_tokens or [])
+                                                | set(vision_token_ids(self.model)))
 
     def _saliency(self, prompts: list, completion_ids_list: list) -> tuple[list, list[float]]:
         """Maps of the local completions: the prompts re-rendered exactly as TRL renders them for

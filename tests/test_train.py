@@ -124,3 +124,25 @@ def test_two_processes_agree(tmp_path, cold_model):
         assert torch.equal(p0[name], p1[name]), name
     records = read_log(tmp_path / "out" / "train.jsonl")
     assert [r["step"] for r in records if r.get("split", "train") == "train"] == [1, 2]
+
+
+def test_generation_never_emits_vision_tokens(cold_model, tmp_path):
+    """A policy that prefers <|image_pad|> must not sample it: the update's teacher-forced forward
+    would try to place image features on it (a crash seen in a 300-step run)."""
+    from saliency_r1.data import SyntheticGroundedVQA
+    from saliency_r1.grpo.loop import load_policy, prompt_inputs, system_prompt, vision_token_ids
+
+    model, processor = load_policy(TrainConfig(model=cold_model))
+    pad = model.config.image_token_id
+    assert pad in vision_token_ids(model) and len(vision_token_ids(model)) == 4
+    data = SyntheticGroundedVQA(SMALL["train_size"], seed=TrainConfig().data_seed)
+    inputs = prompt_inputs(processor, [data[0], data[1]], system_prompt(TrainConfig()))
+    with torch.no_grad():  # point the <|image_pad|> row of the head along the last hidden state
+        hidden = model(**inputs, output_hidden_states=True).hidden_states[-1][:, -1]
+        hidden = model.model.language_model.norm(hidden).mean(0)
+        model.lm_head.weight[pad] = 50 * hidden / hidden.square().sum()
+        assert model(**inputs).logits[:, -1].argmax(-1).tolist() == [pad, pad]
+    model.save_pretrained(tmp_path / "policy")
+    processor.save_pretrained(tmp_path / "policy")
+    result = train(TrainConfig(**SMALL, model=str(tmp_path / "policy"), steps=1, output_dir=str(tmp_path / "run")))
+    assert [r["step"] for r in read_log(result.log_path) if r.get("split", "train") == "train"] == [1]

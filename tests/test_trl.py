@@ -5,7 +5,7 @@ import torch
 
 from saliency_r1.data import SyntheticGroundedVQA
 from saliency_r1.grpo.config import TrainConfig
-from saliency_r1.grpo.loop import export_cold_start, load_policy
+from saliency_r1.grpo.loop import export_cold_start, load_policy, vision_token_ids
 from saliency_r1.rewards import accuracy_reward, format_reward, saliency_reward
 from saliency_r1.tiny import SYSTEM_PROMPT
 
@@ -38,6 +38,7 @@ def test_trl_trainer_steps_with_saliency_rewards(tmp_path, tmp_path_factory):
                       logging_steps=1, report_to=[], save_strategy="no", seed=0, temperature=1.0)
     trainer = SaliencyGRPOTrainer(model=model, processing_class=processor, args=args, train_dataset=dataset,
                                   reward_funcs=[format_reward, accuracy_reward, saliency_reward, spy])
+    assert set(vision_token_ids(model)) <= set(trainer.generation_config.suppress_tokens)  # never sampled
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
 

@@ -75,6 +75,18 @@ def saliency_adapter(model):
     return get_adapter(model.get_base_model() if hasattr(model, "get_base_model") else model)
 
 
+def vision_token_ids(model) -> list[int]:
+    """Ids of the image/video placeholder and vision start/end tokens of ``model``'s config.
+
+    Generation suppresses them: a sampled ``<|image_pad|>`` would be embedded as text while the
+    policy generates, but the teacher-forced forward of the update (and the saliency of a
+    teacher-forced capture) would try to place image features on it and fail.
+    """
+    config = getattr(model, "config", None)
+    names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    return [i for i in (getattr(config, n, None) for n in names) if i is not None]
+
+
 def load_data(cfg: TrainConfig):
     """``(train, held_out)``: indexable sets of records (``image``, ``problem``, ``solution``, ``bbox``)."""
     from saliency_r1.data import SyntheticConfig, SyntheticGroundedVQA, load_saliency_data
@@ -325,6 +337,7 @@ def train(cfg: TrainConfig) -> RunResult:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     policy = accelerator.unwrap_model(model)
     adapter = saliency_adapter(policy)
+    suppress = vision_token_ids(adapter.model)
 
     start_step, evaluations = 0, {}
     resume_from = latest_checkpoint(out) if cfg.resume == "auto" else cfg.resume
@@ -371,9 +384,8 @@ def train(cfg: TrainConfig) -> RunResult:
         policy.eval()
         with torch.no_grad(), _autocast(cfg, device):
             rollout = generate_with_saliency(policy, processor, inputs, adapter=adapter, path=cfg.saliency_path,
-                                             do_sample=True,
-                                             temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
-                                             max_new_tokens=cfg.max_completion_length)
+                                             do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
+                                             max_new_tokens=cfg.max_completion_length, suppress_tokens=suppress)
         clock.lap("rollout")
 
         # ---- 2. rewards, 3. group-normalised advantages
