@@ -412,9 +412,8 @@ def saliency_for_completions(model: nn.Module, processor, inputs,
                          "prompt in inputs once per completion")
     stops = end_of_turn_ids(tokenizer)
     completions = [trim_completion(c, stops) for c in completion_ids]
-    if min(len(c) for c in completions) == 0:
-        raise ValueError("completion_ids holds an empty completion")
-    width = max(len(c) for c in completions)
+    # An empty completion (a backend may return one) is an invalid rollout, not an error (SPEC section 2).
+    width = max([len(c) for c in completions] + [1])
     device = prompt_ids.device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     body = torch.full((batch, width), pad, dtype=torch.long, device=device)

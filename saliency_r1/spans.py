@@ -2,7 +2,8 @@
 
 Two templates are recognised:
 
-- ``<think> reasoning </think> answer`` (the answer runs to the end-of-turn token), and
+- ``<think> reasoning </think> answer`` (the answer runs to the end-of-turn token; a completion cut off
+  before it is invalid, since its answer may be a fragment), and
 - ``<think> reasoning </think> <answer> answer </answer>``.
 
 The tags may be single special tokens (a tokenizer that adds them) or several ordinary tokens (Qwen2.5's
@@ -148,8 +149,10 @@ def find_spans(completion_ids: Sequence[int] | torch.Tensor, tokenizer, *,
         answer_lo = rest_lo + match.start(2)
         answer_hi = rest_lo + match.end(2)
         template = "tagged"
-    else:
+    elif ended:
         answer_lo, answer_hi, template = rest_lo, len(text), "plain"
+    else:  # a plain answer runs to the end-of-turn token: cut off before it, it may be a fragment
+        return invalid
 
     answer = _tokens_in(text, offsets, answer_lo, answer_hi, keep_whitespace=False)
     if not answer:

@@ -2,8 +2,8 @@
 
 No weights or vocabularies can be downloaded in tests, CI or the CPU demo, so everything the
 real checkpoints ship is built here: a byte-level BPE tokenizer trained on a small built-in corpus
-(so the demo's words are single tokens and generation stays short), Qwen's special tokens and chat
-template, Qwen2-VL's image processor with small pixel bounds, and a model of a few layers that
+(so the demo's words are single tokens and generation stays short), Qwen's special tokens, the
+``<think>``/``<answer>`` tags as single ordinary tokens, Qwen's chat template, Qwen2-VL's image processor with small pixel bounds, and a model of a few layers that
 runs ``generate`` in milliseconds.
 
 >>> processor = build_tiny_processor()
@@ -15,6 +15,7 @@ True
 from __future__ import annotations
 
 import functools
+import json
 
 import torch
 
@@ -25,8 +26,11 @@ SYSTEM_PROMPT = (
 
 SPECIAL_TOKENS = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-    "<|image_pad|>", "<|video_pad|>", "<think>", "</think>", "<answer>", "</answer>",
+    "<|image_pad|>", "<|video_pad|>",
 )
+# One token each, but not special: decoding with skip_special_tokens=True (as TRL does) must keep
+# them, or the format and accuracy rewards would never see the tags.
+TEMPLATE_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
 # Qwen2.5-VL's chat template, reduced to what the tiny model needs: text and image parts, an
 # optional system message, and the generation prompt.
@@ -71,10 +75,13 @@ def _tokenizer_json(vocab_size: int) -> str:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS + TEMPLATE_TAGS), show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(_corpus(), trainer=trainer)
-    return tokenizer.to_str()
+    data = json.loads(tokenizer.to_str())
+    for added in data["added_tokens"]:
+        added["special"] = added["content"] in SPECIAL_TOKENS
+    return json.dumps(data)
 
 
 def build_tiny_tokenizer(vocab_size: int = 1024):

@@ -268,6 +268,15 @@ def test_invalid_completion_gives_zero_map_and_validity(processor, model64):
     assert float(result.maps[1][0].abs().sum()) > 0
 
 
+def test_empty_completion_is_an_invalid_rollout(processor, model64):
+    inputs = _prompts(processor, [(1, "what?"), (1, "what colour?")])
+    good, _, _ = _completion(processor, [" red"], [" red"], tagged=True)
+    result = saliency_for_completions(model64, processor, inputs, [[], good])
+    assert result.valid.tolist() == [0.0, 1.0]
+    assert all(bool((m == 0).all()) for m in result.maps[0])
+    assert float(result.maps[1][0].abs().sum()) > 0
+
+
 def test_num_return_sequences_repeats_prompts(processor):
     model = build_tiny_model(processor, seed=3)
     inputs = _prompts(processor, [(1, "what?"), (2, "which shape?")])

@@ -43,10 +43,16 @@ def test_empty_think_is_valid_with_no_think_tokens(tok):
     assert s.valid and s.think == [] and len(s.answer) == 1
 
 
-def test_truncated_completion_without_end_of_turn(tok):
-    c = ids(tok, "<think> hm </think> yes")
+def test_truncated_completion_keeps_a_closed_answer(tok):
+    c = ids(tok, "<think> hm </think><answer> yes </answer>")
     s = find_spans(c, tok)
     assert s.valid and pieces(tok, c, s.answer) == [" yes"] and s.length == len(c)
+
+
+@pytest.mark.parametrize("text", ["<think> hm </think> red circle is", "<think> hm </think> yes <answer"])
+def test_truncated_plain_answer_is_invalid(tok, text):
+    # Without the end-of-turn token a plain answer may be cut mid-phrase or mid-tag (SPEC section 2).
+    assert not find_spans(ids(tok, text), tok).valid
 
 
 @pytest.mark.parametrize("text", [
