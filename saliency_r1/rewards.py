@@ -17,7 +17,9 @@ import torch
 _FORMAT = re.compile(r"^\s*<think>(?P<think>.*?)</think>\s*<answer>(?P<answer>.*?)</answer>\s*$", re.DOTALL)
 _TAG = re.compile(r"</?(think|answer)>")
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-_CHOICE = re.compile(r"^\(?([A-Z])\)?(?=$|[.:)\s])")
+# A choice letter is letter-shaped: "B", "(B) ...", "B. ...", "B: ...", "B) ...". Not "A red circle"
+# or "I think so", whose first word is a capital letter followed by a space.
+_CHOICE = re.compile(r"^(?:\(([A-Z])\)|([A-Z])(?:[.:)]|$))")
 _NUMBER = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?$")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 # End-of-turn markers a decoder may leave on a completion (special tokens kept).
@@ -74,7 +76,7 @@ def normalise(text: str) -> str:
 
 def _choice_letter(text: str) -> str | None:
     match = _CHOICE.match(text.strip())
-    return match.group(1) if match else None
+    return (match.group(1) or match.group(2)) if match else None
 
 
 def _number(text: str) -> float | None:
@@ -93,6 +95,8 @@ def answers_match(prediction: str, solution: str) -> bool:
     (False, True, False)
     >>> answers_match("3.0", "3"), answers_match("1,000", "1000"), answers_match("The Red.", "red")
     (True, True, True)
+    >>> answers_match("a red circle", "A red circle"), answers_match("A blue square", "A red circle")
+    (True, False)
     """
     letter = _choice_letter(solution)
     if letter is not None:

@@ -36,6 +36,9 @@ def test_format(text, expected):
     ("B", "B", True), ("(B)", "B", True), ("B. a cat", "(B) cat", True), ("b", "B", False), ("C", "B", False),
     ("3", "3.0", True), ("3.0000001", "3", True), ("3.1", "3", False), ("1,000", "1000", True),
     ("50%", "50", True), ("-2", "-2.0", True), ("two", "2", False),
+    # Free text starting with a capital word is not a choice letter.
+    ("a red circle", "A red circle", True), ("A blue square", "A red circle", False),
+    ("I think so", "I don't know", False), ("B: a dog", "B) a dog", True),
 ])
 def test_answers_match(prediction, solution, expected):
     assert answers_match(prediction, solution) is expected
