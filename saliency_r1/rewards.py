@@ -160,7 +160,9 @@ def saliency_rewards(saliency_maps, bbox, images, valid=None) -> torch.Tensor:
     if not (len(saliency_maps) == len(bbox) == len(images)):
         raise ValueError(f"saliency_maps ({len(saliency_maps)}), bbox ({len(bbox)}) and images ({len(images)}) "
                          "need one entry per completion")
-    maps = [per_image[0] if len(per_image) else torch.zeros(1, 1) for per_image in saliency_maps]
+    present = [per_image[0] for per_image in saliency_maps if len(per_image)]
+    device = present[0].device if present else None
+    maps = [per_image[0] if len(per_image) else torch.zeros(1, 1, device=device) for per_image in saliency_maps]
     return box_reward(maps, list(bbox), [_image_size(image) for image in images], valid=valid)
 
 
@@ -178,9 +180,14 @@ def saliency_reward(completions, saliency_maps, bbox, image=None, images=None, s
     >>> saliency_reward(["<think>x</think><answer>y</answer>"] * 2, saliency_maps=[[grid], [grid]],
     ...                 bbox=["[0.0,0.0,0.5,0.5]", "[0.5,0.5,1.0,1.0]"], image=[img, img])
     [1.0, 0.0]
+    >>> saliency_reward(["<think>x</think> y"], saliency_maps=[[grid]], bbox=["[0,0,1,1]"], image=[img])  # bad format
+    [0.0]
     """
     source = image if image is not None else images
     if source is None:
         raise ValueError("the saliency reward needs the images (dataset column 'image' or 'images')")
-    valid = None if saliency_valid is None else torch.as_tensor(saliency_valid, dtype=torch.float32)
+    # SPEC section 4: the saliency reward is multiplied by the format validity.
+    valid = torch.tensor(format_reward(completions), dtype=torch.float32)
+    if saliency_valid is not None:
+        valid = valid * torch.as_tensor(saliency_valid, dtype=torch.float32)
     return saliency_rewards(saliency_maps, bbox, source, valid).tolist()

@@ -70,3 +70,12 @@ def test_energy_matches_the_reward_op(grid, size):
 def test_pixel_boxes_floor_rule_and_clamp():
     # SPEC section 4: x by the width, y by the height (the public code scales y_lo by the width).
     assert pixel_boxes([[0.25, 0.5, 0.75, 1.0]], 40, 80) == [(20, 20, 60, 39)]
+
+
+def test_energy_agrees_with_the_reward_on_boxes_off_the_image():
+    from saliency_r1.boxes import saliency_reward
+
+    grid = torch.rand(4, 4, generator=torch.Generator().manual_seed(0))
+    for box in ([1.0, 0.0, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0], [0.5, 0.5, 1.0, 1.0]):
+        energy = energy_in_boxes(grid, (40, 40), pixel_boxes([box], 40, 40))
+        assert energy == pytest.approx(float(saliency_reward([grid], [[box]], [(40, 40)])[0]), abs=1e-6)

@@ -66,7 +66,8 @@ def test_saliency_reward_is_the_energy_in_the_box(grid, size):
     boxes = ["[0.1,0.2,0.5,0.6]", "[[0.0,0.0,0.3,1.0],[0.2,0.5,0.9,0.9]]", "[0.5,0.5,1.0,1.0]"]
     image = Image.new("RGB", (size[1], size[0]))
     valid = [1.0, 1.0, 0.0]
-    got = saliency_reward([""] * 3, saliency_maps=maps, bbox=boxes, image=[image] * 3, saliency_valid=valid)
+    completions = ["<think> x </think><answer> y </answer>"] * 3  # well formed: the format validity is 1
+    got = saliency_reward(completions, saliency_maps=maps, bbox=boxes, image=[image] * 3, saliency_valid=valid)
     from saliency_r1.data import parse_normalised_boxes
 
     expected = [energy_in_boxes(m[0], size, pixel_boxes(parse_normalised_boxes(b), *size)) * v
@@ -75,6 +76,9 @@ def test_saliency_reward_is_the_energy_in_the_box(grid, size):
     assert got[2] == 0.0  # invalid completion
     tensor = saliency_rewards(maps, boxes, [[image]] * 3, torch.tensor(valid))  # TRL's "images" column form
     assert tensor.dtype == torch.float32 and tensor.tolist() == pytest.approx(got)
+    # SPEC section 4: times the format validity, whatever the spans said.
+    assert saliency_reward(["<think> x </think> y"] * 3, saliency_maps=maps, bbox=boxes, image=[image] * 3,
+                           saliency_valid=[1.0] * 3) == [0.0] * 3
 
 
 def test_saliency_reward_names_missing_inputs():

@@ -203,9 +203,11 @@ def score(rollout, examples: list[dict], extra: list) -> dict[str, torch.Tensor]
     device = rollout.valid.device
     columns = {"solution": [e["solution"] for e in examples], "bbox": [e["bbox"] for e in examples],
                "image": [e["image"] for e in examples]}
-    scores = {"format": torch.tensor(format_reward(rollout.texts), device=device),
+    form = torch.tensor(format_reward(rollout.texts), device=device)
+    # SPEC section 4: the saliency reward is multiplied by the format validity.
+    scores = {"format": form,
               "accuracy": torch.tensor(accuracy_reward(rollout.texts, **columns), device=device),
-              "saliency": saliency_rewards(rollout.maps, columns["bbox"], columns["image"], rollout.valid)}
+              "saliency": saliency_rewards(rollout.maps, columns["bbox"], columns["image"], rollout.valid * form)}
     for fn in extra:
         name = getattr(fn, "__name__", "extra")
         values = fn(completions=rollout.texts, saliency_maps=rollout.maps, saliency_valid=rollout.valid, **columns)
