@@ -15,7 +15,10 @@ from __future__ import annotations
 import ast
 import json
 import math
+import numbers
 from collections.abc import Sequence
+
+import numpy as np
 
 import torch
 
@@ -26,7 +29,12 @@ PixelBox = tuple[int, int, int, int]
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _as_python(value):
+    """Tensors and NumPy arrays (a data set column may hold either) as nested lists."""
+    return value.tolist() if isinstance(value, (torch.Tensor, np.ndarray)) else value
 
 
 def _literal(text: str):
@@ -55,9 +63,7 @@ def parse_box(box) -> Box:
     ...
     ValueError: box [0.5, 0.2, 0.1, 0.9] has x2 < x1 (need x1 <= x2 and y1 <= y2)
     """
-    value = _literal(box) if isinstance(box, str) else box
-    if isinstance(value, torch.Tensor):
-        value = value.tolist()
+    value = _as_python(_literal(box) if isinstance(box, str) else box)
     if not isinstance(value, (list, tuple)) or len(value) != 4 or not all(_is_number(v) for v in value):
         raise ValueError(f"a box must be four numbers [x1, y1, x2, y2], got {box!r}")
     x1, y1, x2, y2 = (float(v) for v in value)
@@ -82,10 +88,10 @@ def parse_boxes(boxes) -> list[Box]:
     [(0.0, 0.0, 0.5, 0.5), (0.5, 0.5, 1.0, 1.0)]
     >>> parse_boxes("[[0,0,0.5,0.5],[0.5,0.5,1,1]]")
     [(0.0, 0.0, 0.5, 0.5), (0.5, 0.5, 1.0, 1.0)]
+    >>> parse_boxes(np.array([[0, 0, 0.5, 0.5]], dtype=np.float32))
+    [(0.0, 0.0, 0.5, 0.5)]
     """
-    value = _literal(boxes) if isinstance(boxes, str) else boxes
-    if isinstance(value, torch.Tensor):
-        value = value.tolist()
+    value = _as_python(_literal(boxes) if isinstance(boxes, str) else boxes)
     if not isinstance(value, (list, tuple)):
         raise ValueError(f"boxes must be a box or a list of boxes, got {boxes!r}")
     if value and all(_is_number(v) for v in value):

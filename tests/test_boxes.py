@@ -5,6 +5,7 @@ from __future__ import annotations
 import doctest
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -128,3 +129,11 @@ def test_saliency_reward_rejects_mismatched_lengths():
         saliency_reward([torch.ones(2, 2)], ["[0,0,1,1]", "[0,0,1,1]"], [(4, 4)])
     with pytest.raises(ValueError, match=r"valid must hold one value per rollout \(1\)"):
         saliency_reward([torch.ones(2, 2)], ["[0,0,1,1]"], [(4, 4)], valid=[1.0, 0.0])
+
+
+def test_numpy_boxes_are_accepted():
+    # A data set column may arrive as NumPy arrays or NumPy scalars.
+    as_arrays = parse_boxes(np.array([[0.1, 0.2, 0.5, 0.6], [0.5, 0.5, 1.0, 1.0]], dtype=np.float32))
+    as_scalars = parse_boxes([[np.float64(0.1), np.float32(0.2), 0.5, np.int64(1)]])
+    assert np.allclose(as_arrays, [(0.1, 0.2, 0.5, 0.6), (0.5, 0.5, 1.0, 1.0)])
+    assert np.allclose(as_scalars, [(0.1, 0.2, 0.5, 1.0)])
