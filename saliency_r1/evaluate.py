@@ -35,9 +35,10 @@ def evaluate(model, processor, dataset, *, system_prompt: str, limit: int | None
     """
     from tqdm.auto import tqdm
 
+    from saliency_r1.adapters import get_adapter
     from saliency_r1.data import parse_normalised_boxes
     from saliency_r1.explain import generate_with_saliency
-    from saliency_r1.grpo.loop import prompt_inputs, saliency_adapter, vision_token_ids
+    from saliency_r1.grpo.loop import prompt_inputs, vision_token_ids
     from saliency_r1.metrics import energy_in_boxes, pixel_boxes, pointing_game_hit
     from saliency_r1.rewards import accuracy_reward, format_reward
 
@@ -45,7 +46,7 @@ def evaluate(model, processor, dataset, *, system_prompt: str, limit: int | None
     if count == 0:
         raise ValueError("evaluate needs at least one record")
     device = next(model.parameters()).device
-    adapter = saliency_adapter(model)
+    adapter = get_adapter(model)
     totals = {"saliency_in_box": 0.0, "pointing_game": 0.0, "accuracy": 0.0, "format": 0.0, "valid": 0.0}
     was_training = model.training
     model.eval()

@@ -27,7 +27,8 @@ from trl import GRPOTrainer
 from trl.models.utils import unwrap_model_for_generation
 
 from saliency_r1.explain import saliency_for_completions
-from saliency_r1.grpo.loop import saliency_adapter, vision_token_ids
+from saliency_r1.adapters import get_adapter
+from saliency_r1.grpo.loop import vision_token_ids
 
 
 def _wants_saliency(func) -> bool:
@@ -82,7 +83,7 @@ class SaliencyGRPOTrainer(GRPOTrainer):
             try:
                 rollout = saliency_for_completions(model, self.processing_class, inputs,
                                                    [torch.as_tensor(c) for c in completion_ids_list],
-                                                   adapter=saliency_adapter(model), path=self.saliency_path)
+                                                   adapter=get_adapter(model), path=self.saliency_path)
             finally:
                 model.train(was_training)
         return rollout.maps, rollout.valid.tolist()

@@ -136,3 +136,18 @@ def test_unknown_family_is_named():
     with pytest.raises(ValueError, match="model_types is empty"):
         register_adapter(type("Nameless", (Qwen2VLAdapter,), {"model_types": ()}))
     assert issubclass(Qwen3VLAdapter, ModelAdapter)
+
+
+def test_lora_wrapped_model_and_o_proj():
+    # The adapter sees through peft's wrapper, and a LoRA on o_proj enters W_O as o_proj computes it.
+    from peft import LoraConfig, get_peft_model
+
+    processor = build_tiny_processor()
+    model = get_peft_model(build_tiny_model(processor), LoraConfig(r=4, target_modules=["q_proj", "o_proj"]))
+    o_proj = model.get_base_model().model.language_model.layers[0].self_attn.o_proj
+    torch.nn.init.normal_(o_proj.lora_B["default"].weight)  # B = 0 at init would hide a missing delta
+    adapter = get_adapter(model)
+    x = torch.randn(3, adapter.num_heads * adapter.head_dim)
+    torch.testing.assert_close(o_proj(x), x @ adapter.o_proj_weight(0).T)
+    with model.disable_adapter():
+        torch.testing.assert_close(o_proj(x), x @ adapter.o_proj_weight(0).T)

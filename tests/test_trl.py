@@ -30,7 +30,7 @@ def test_trl_trainer_steps_with_saliency_rewards(tmp_path, tmp_path_factory):
     seen = []
 
     def spy(completions, saliency_maps, saliency_valid, bbox, image, **kwargs):
-        seen.append((saliency_maps, saliency_valid, bbox, image))
+        seen.append((completions, saliency_maps, saliency_valid, bbox, image))
         return [0.0] * len(completions)
 
     args = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, max_steps=2, learning_rate=1e-3,
@@ -43,16 +43,17 @@ def test_trl_trainer_steps_with_saliency_rewards(tmp_path, tmp_path_factory):
     trainer.train()
 
     assert len(seen) == 2
-    for maps, valid, bbox, image in seen:
+    for _, maps, valid, bbox, image in seen:
         assert len(maps) == len(valid) == len(bbox) == len(image) == 4
         for per_image, ok in zip(maps, valid):
             assert len(per_image) == 1 and per_image[0].shape == (4, 4)  # 112 px image: 4 x 4 cells
             assert ok in (0.0, 1.0)
-    scores = [saliency_reward([""] * 4, saliency_maps=m, bbox=b, image=i, saliency_valid=v)
-              for m, v, b, i in seen]
+    scores = [saliency_reward(c, saliency_maps=m, bbox=b, image=i, saliency_valid=v) for c, m, v, b, i in seen]
     flat = [s for batch in scores for s in batch]
     assert all(0.0 <= s <= 1.0 for s in flat)
     assert any(0.0 < s < 1.0 for s in flat), flat  # non-trivial: valid completions with spread-out saliency
     logged = [entry for entry in trainer.state.log_history if "rewards/saliency_reward/mean" in entry]
     assert logged and all(0.0 <= e["rewards/saliency_reward/mean"] <= 1.0 for e in logged)
+    # TRL decodes with skip_special_tokens=True: the think/answer tags must survive it.
+    assert any(e["rewards/format_reward/mean"] > 0 for e in logged)
     assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())

@@ -157,7 +157,14 @@ class QwenVLAdapter(ModelAdapter):
         return [layer.self_attn for layer in self.text_model.layers]
 
     def o_proj_weight(self, layer: int) -> torch.Tensor:
-        return self.attention_modules[layer].o_proj.weight
+        o_proj = self.attention_modules[layer].o_proj
+        weight = o_proj.weight
+        # A LoRA-wrapped o_proj (peft) computes with W + delta of its active, unmerged adapters.
+        if hasattr(o_proj, "get_delta_weight") and not (o_proj.merged or o_proj.disable_adapters):
+            for name in o_proj.active_adapters:
+                if name in o_proj.lora_A:
+                    weight = weight + o_proj.get_delta_weight(name)
+        return weight
 
     @property
     def final_norm(self) -> nn.Module:
@@ -216,7 +223,9 @@ def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
 
 
 def get_adapter(model: nn.Module) -> ModelAdapter:
-    """The adapter for ``model``, chosen by ``model.config.model_type``."""
+    """The adapter for ``model`` (or for the model inside a peft wrapper), chosen by ``model.config.model_type``."""
+    if hasattr(model, "get_base_model"):  # peft: LoRA layers sit inside the same modules
+        model = model.get_base_model()
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in _ADAPTERS:
         raise ValueError(f"no saliency adapter for model_type {model_type!r}; known: {sorted(_ADAPTERS)}. "

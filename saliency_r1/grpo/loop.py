@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from saliency_r1.adapters import get_adapter
 from saliency_r1.grpo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from saliency_r1.grpo.config import TrainConfig
 from saliency_r1.grpo.loss import group_advantages, policy_loss
@@ -65,14 +66,6 @@ def load_processor(path: str, min_pixels: int, max_pixels: int):
     if tiny.tokenizer.get_vocab() != processor.get_vocab():
         raise ValueError(f"{path}: no processor saved, and its tokenizer is not the tiny model's")
     return tiny
-
-
-def saliency_adapter(model):
-    """The capture's model adapter for ``model``, seen through a peft wrapper (LoRA layers sit
-    inside the same attention modules, so capturing the base model captures the adapted one)."""
-    from saliency_r1.adapters import get_adapter
-
-    return get_adapter(model.get_base_model() if hasattr(model, "get_base_model") else model)
 
 
 def vision_token_ids(model) -> list[int]:
@@ -338,7 +331,7 @@ def train(cfg: TrainConfig) -> RunResult:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     policy = accelerator.unwrap_model(model)
-    adapter = saliency_adapter(policy)
+    adapter = get_adapter(policy)
     suppress = vision_token_ids(adapter.model)
 
     start_step, evaluations = 0, {}
