@@ -59,11 +59,13 @@ def evaluate(model, processor, dataset, *, system_prompt: str, limit: int | None
             rollout = generate_with_saliency(model, processor, inputs, adapter=adapter, path=path, do_sample=False,
                                              max_new_tokens=max_new_tokens,
                                              suppress_tokens=vision_token_ids(adapter.model))
-        totals["format"] += sum(format_reward(rollout.texts))
+        formats = format_reward(rollout.texts)
+        totals["format"] += sum(formats)
         totals["accuracy"] += sum(accuracy_reward(rollout.texts, solution=[e["solution"] for e in examples]))
-        for maps, valid, example in zip(rollout.maps, rollout.valid.tolist(), examples):
+        for maps, valid, form, example in zip(rollout.maps, rollout.valid.tolist(), formats, examples):
             totals["valid"] += valid
-            if not (valid and maps):
+            # Measured as the reward is paid (SPEC sections 4 and 7): well-formed spans and format.
+            if not (valid and form and maps):
                 continue
             width, height = example["image"].size
             boxes = pixel_boxes(parse_normalised_boxes(example["bbox"]), height, width)

@@ -122,13 +122,16 @@ def accuracy_reward(completions, solution, **kwargs) -> list[float]:
     >>> accuracy_reward(["<think> x </think><answer> Red </answer>", "<answer>2</answer>", "blue"],
     ...                 solution=["red", "3", "blue"])
     [1.0, 0.0, 0.0]
+    >>> accuracy_reward(["<think> x </think><answer> (B) </answer>"], solution=["<answer> B </answer>"])
+    [1.0]
     """
     if len(solution) != len(completions):
         raise ValueError(f"solution has {len(solution)} entries for {len(completions)} completions")
     rewards = []
     for completion, reference in zip(completions, solution):
         answer = extract_answer(completion_text(completion))
-        rewards.append(float(answer is not None and answers_match(answer, str(reference))))
+        reference = extract_answer(str(reference)) or str(reference)  # "<answer> B </answer>" as in R1-V data
+        rewards.append(float(answer is not None and answers_match(answer, reference)))
     return rewards
 
 

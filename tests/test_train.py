@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from saliency_r1.grpo.checkpoint import latest_checkpoint
 from saliency_r1.grpo.config import TrainConfig
-from saliency_r1.grpo.loop import PromptOrder, export_cold_start, pad_completions, train
+from saliency_r1.grpo.loop import PromptOrder, _flush, export_cold_start, pad_completions, train
 from saliency_r1.grpo.plots import read_log
 
 # Small enough for seconds per run on 2 cores.
@@ -41,6 +41,15 @@ def test_prompt_order_is_a_function_of_position():
     assert [PromptOrder(5, seed=3)[p] for p in range(12)] == first  # no state beyond the seed
 
 
+def test_flush_reduces_maxima_by_max_and_the_rest_by_mean():
+    from accelerate import Accelerator
+
+    pending = [(0, {"completion_length/max": torch.tensor(24.0), "reward/total": torch.tensor(1.0)}),
+               (1, {"completion_length/max": torch.tensor(6.0), "reward/total": torch.tensor(0.0)})]
+    assert _flush(pending, Accelerator(cpu=True)) == {"step": 2, "completion_length/max": 24.0, "reward/total": 0.5}
+    assert pending == []
+
+
 def test_pad_completions():
     ids, mask = pad_completions([torch.tensor([5, 6, 7]), torch.tensor([8])], pad_id=0, device="cpu")
     assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
@@ -61,6 +70,11 @@ def test_steps_logs_plot_and_exact_resume(tmp_path, cold_model):
             assert key in r and r[key] == r[key], key  # present and not NaN
         assert 0 <= r["saliency_in_box"] <= 1 and r["kl"] >= 0
     assert any(r["reward/format"] > 0 for r in steps)  # the cold start made well-formed completions
+    # The logged rate is the one each step's last optimizer step used: warm-up s -> min(1, (s + 1) / (w + 1)).
+    w, inner = full.warmup_steps, full.inner_iterations
+    expected = [full.learning_rate * min(1.0, (k * inner) / (w + 1)) for k in range(1, 5)]
+    assert [r["learning_rate"] for r in steps] == pytest.approx(expected)
+    assert all(r["completion_length/max"] == int(r["completion_length/max"]) for r in steps)  # a max, not a mean
     assert {r["step"] for r in records if r.get("split") == "eval"} == {0, 4}
     assert result.plot_path.stat().st_size > 10_000
     saved = TrainConfig.load(result.checkpoint / "config.yaml")

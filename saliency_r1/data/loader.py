@@ -155,8 +155,8 @@ def load_saliency_data(path: str | Path, *, split: str = "train", max_image_side
             parse_normalised_boxes(row["bbox"])
             try:
                 image = _open_image(row["image"], base)
-            except (OSError, SyntaxError) as error:
-                raise ValueError(f"unreadable image: {error}") from None
+            except Exception as error:  # PIL raises many kinds (DecompressionBombError, struct.error, ...)
+                raise ValueError(f"unreadable image: {type(error).__name__}: {error}") from None
             if max_image_side is not None and max(image.size) > max_image_side:
                 raise ValueError(f"image {image.size[0]}x{image.size[1]} exceeds max_image_side={max_image_side}")
         except ValueError as error:

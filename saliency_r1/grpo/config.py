@@ -50,7 +50,7 @@ class TrainConfig:
     tiny_hidden: int = _f(64, "Tiny model: hidden size.")
 
     # ---------------------------------------------------------------- rollouts
-    steps: int = _f(40, "Optimizer steps (each on a fresh batch of rollouts, unless inner_iterations > 1).")
+    steps: int = _f(40, "GRPO steps, each on a fresh batch of rollouts; a step makes inner_iterations optimizer steps (warm-up counts those).")
     prompts_per_step: int = _f(4, "Prompts sampled per step (per process).")
     num_generations: int = _f(4, "Completions per prompt (G); advantages are normalised within each group.")
     max_completion_length: int = _f(24, "Longest completion in tokens (paper: 512).")

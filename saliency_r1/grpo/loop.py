@@ -48,6 +48,10 @@ def load_policy(cfg: TrainConfig, dtype: torch.dtype = torch.float32):
     processor = load_processor(cfg.model, cfg.min_pixels, cfg.max_pixels)
     model = AutoModelForImageTextToText.from_pretrained(
         cfg.model, dtype=dtype, attn_implementation={"text_config": "sdpa", "vision_config": "sdpa"})
+    # Rollouts must be drawn from pi / T exactly, or the ratio's denominator is wrong: drop the
+    # checkpoint's own logit adjustments (Qwen2.5-VL-Instruct ships repetition_penalty=1.05).
+    generation = model.generation_config
+    generation.repetition_penalty, generation.no_repeat_ngram_size, generation.min_p = 1.0, 0, None
     return model, processor
 
 
@@ -212,9 +216,12 @@ def pointing_rate(rollout, examples: list[dict]) -> float:
     """Pointing-game hit rate over the rollouts (host-side; called at log steps only)."""
     from saliency_r1.data import parse_normalised_boxes
     from saliency_r1.metrics import pixel_boxes, pointing_game_hit
+    from saliency_r1.rewards import format_reward
 
     hits = 0
-    for maps, valid, example in zip(rollout.maps, rollout.valid.tolist(), examples):
+    # Gated like the reward (SPEC section 4): well-formed spans and format.
+    valid_rollouts = [v * f for v, f in zip(rollout.valid.tolist(), format_reward(rollout.texts))]
+    for maps, valid, example in zip(rollout.maps, valid_rollouts, examples):
         width, height = example["image"].size
         if valid and maps:
             boxes = pixel_boxes(parse_normalised_boxes(example["bbox"]), height, width)
@@ -329,7 +336,9 @@ def train(cfg: TrainConfig) -> RunResult:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                   betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # The scheduler stays out of prepare(): accelerate would step it once per process for every
+    # optimizer step, finishing an 8-GPU warm-up 8 times too early.
+    model, optimizer = accelerator.prepare(model, optimizer)
     policy = accelerator.unwrap_model(model)
     adapter = get_adapter(policy)
     suppress = vision_token_ids(adapter.model)
@@ -386,7 +395,10 @@ def train(cfg: TrainConfig) -> RunResult:
         # ---- 2. rewards, 3. group-normalised advantages
         scores = score(rollout, examples, extra)
         total = sum(weights.get(name, 1.0) * value.nan_to_num(0.0) for name, value in scores.items())
-        advantages = group_advantages(total, cfg.num_generations, cfg.advantage_scale)
+        # Over every process's rollouts (the batch std is global), then this process's slice.
+        local = total.numel()
+        advantages = group_advantages(accelerator.gather(total), cfg.num_generations,
+                                      cfg.advantage_scale)[rank * local:(rank + 1) * local]
         clock.lap("reward")
 
         # ---- 4. loss and optimizer step(s) on this batch of rollouts
@@ -394,6 +406,9 @@ def train(cfg: TrainConfig) -> RunResult:
         pixel_rows = image_rows(inputs)
         micro = [list(range(i, min(i + cfg.micro_batch_size, len(examples))))
                  for i in range(0, len(examples), cfg.micro_batch_size)]
+        # Per-token (DAPO) normalisation divides by the tokens of the whole batch; DDP then averages
+        # the processes' gradients, so each divides by global tokens / processes.
+        token_count = (accelerator.reduce(mask.sum(), reduction="sum") / world).clamp(min=1.0)
         model.train()
         with torch.no_grad(), _autocast(cfg, device):
             # The ratio's denominator: the generating policy. Only needed when later inner
@@ -413,7 +428,7 @@ def train(cfg: TrainConfig) -> RunResult:
                     loss, stats = policy_loss(
                         logps, old[m] if old else logps.detach(), advantages[rows], mask[rows],
                         eps_low=cfg.eps_low, eps_high=cfg.eps_high, normalisation=cfg.normalisation,
-                        max_completion_length=cfg.max_completion_length, token_count=mask.sum().clamp(min=1.0),
+                        max_completion_length=cfg.max_completion_length, token_count=token_count,
                         beta=cfg.beta, ref_logps=ref[m] if ref else None)
                     if cfg.normalisation != "token":  # means over the micro-batch -> mean over the batch
                         loss = loss * len(rows) / len(examples)
@@ -423,6 +438,7 @@ def train(cfg: TrainConfig) -> RunResult:
                 kl += stats["kl"] * share
             if cfg.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            learning_rate = scheduler.get_last_lr()[0]  # the rate this step uses
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -436,7 +452,7 @@ def train(cfg: TrainConfig) -> RunResult:
                                "accuracy": scores["accuracy"].mean(), "format": scores["format"].mean(),
                                "valid": rollout.valid.mean(), "kl": kl, "clip_fraction": clip_fraction,
                                "completion_length/mean": lengths.mean(), "completion_length/max": lengths.max(),
-                               "learning_rate": torch.tensor(scheduler.get_last_lr()[0])}))
+                               "learning_rate": torch.tensor(learning_rate)}))
         if timed:
             record = _flush(pending, accelerator)
             record["pointing_game"] = pointing_rate(rollout, examples)
@@ -482,12 +498,15 @@ def _reference_logps(reference, policy, cfg, prompt, completion_ids, mask):
 
 
 def _flush(pending: list, accelerator) -> dict:
-    """Averages the pending steps' metrics over steps and processes: one host sync."""
+    """Reduces the pending steps' metrics over steps and processes (``.../max`` by max, the rest by
+    mean): one host sync."""
     names = list(pending[-1][1])
     stacked = torch.stack([torch.stack([metrics[n].float().to(accelerator.device) for n in names])
-                           for _, metrics in pending]).mean(0)
-    stacked = accelerator.reduce(stacked, reduction="mean")
-    record = {"step": pending[-1][0] + 1, **dict(zip(names, stacked.tolist()))}
+                           for _, metrics in pending])
+    is_max = torch.tensor([n.endswith("/max") for n in names], device=stacked.device)
+    means = accelerator.reduce(stacked.mean(0), reduction="mean")
+    maxima = accelerator.reduce(stacked.amax(0), reduction="max")
+    record = {"step": pending[-1][0] + 1, **dict(zip(names, torch.where(is_max, maxima, means).tolist()))}
     pending.clear()
     return record
 
