@@ -15,7 +15,7 @@ its cache) and adds, per completion, ``saliency_maps`` (per image, the raw ``[h'
 there rather than inside ``generate`` makes it independent of the generation backend (transformers,
 continuous batching or vLLM, whose completions arrive as ids); the cost is one forward pass without
 gradient over the batch, the size of TRL's own old-log-prob pass. It is skipped when no reward
-function asks for ``saliency_maps`` (or takes ``**kwargs`` and is one of ours).
+function names a ``saliency_maps`` parameter (one that only takes ``**kwargs`` gets no maps).
 """
 
 from __future__ import annotations
