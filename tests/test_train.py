@@ -86,7 +86,11 @@ def test_steps_logs_plot_and_exact_resume(tmp_path, cold_model):
     train(part)
     resumed = TrainConfig(**{**full.to_dict(), "output_dir": str(tmp_path / "part"), "resume": "auto"})
     assert latest_checkpoint(tmp_path / "part").name == "checkpoint-2"
+    with (tmp_path / "part" / "train.jsonl").open("a") as log:  # a step logged after the checkpoint, then a crash
+        log.write(json.dumps({"step": 3, "reward/total": 0.0}) + "\n")
     train(resumed)
+    resumed_steps = [r["step"] for r in read_log(tmp_path / "part" / "train.jsonl") if r.get("split", "train") == "train"]
+    assert resumed_steps == [1, 2, 3, 4]  # step 3 once: the stale record was dropped
     a, b = _weights(result.checkpoint), _weights(tmp_path / "part" / "checkpoint-4")
     assert a.keys() == b.keys()
     for name in a:

@@ -339,6 +339,7 @@ def train(cfg: TrainConfig) -> RunResult:
     # The scheduler stays out of prepare(): accelerate would step it once per process for every
     # optimizer step, finishing an 8-GPU warm-up 8 times too early.
     model, optimizer = accelerator.prepare(model, optimizer)
+    set_seed(cfg.seed + rank)  # distinct sampling noise per process; DDP has just synchronised the weights
     policy = accelerator.unwrap_model(model)
     adapter = get_adapter(policy)
     suppress = vision_token_ids(adapter.model)
@@ -354,6 +355,10 @@ def train(cfg: TrainConfig) -> RunResult:
     log_path = out / "train.jsonl"
     if accelerator.is_main_process and not resume_from:
         log_path.write_text("")
+    elif accelerator.is_main_process and log_path.exists():
+        # Steps logged after the checkpoint run again: drop their records so none appears twice.
+        kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+        log_path.write_text("".join(line + "\n" for line in kept))
     if cfg.report_to:
         # Trackers take scalar hyper-parameters only (TensorBoard's hparams): lists and None as text.
         accelerator.init_trackers("saliency-r1", config={
