@@ -6,10 +6,11 @@ which the causal mask would be dropped). It returns exactly what ``sdpa_attentio
 and while a :class:`SaliencyCapture` is active it also keeps, per language layer, the rotary-embedded
 query and the softmax log-sum-exp (LSE) of the rows that predict completion tokens: the last prompt
 row during prefill, then each decode step's row. What is kept grows as
-``layers x heads x completion tokens x head size``; the LSE of a row is one reduction over the keys it
-attends to (mask applied, so left padding is respected), computed in small row blocks so no
-``rows x sequence`` block outlives the computation; decode rows are reduced together after
-generation (see :class:`SaliencyCapture`). Keys and values are not copied: they are read
+``layers x heads x completion tokens x head size``. On CPU a decode step calls the kernel SDPA itself
+dispatches to, which returns each row's LSE along with the output. Elsewhere the LSE of a row is one
+reduction over the keys it attends to (mask applied, so left padding is respected), computed in small
+row blocks so no ``rows x sequence`` block outlives the computation; decode rows are reduced together
+after generation (see :class:`SaliencyCapture`). Keys and values are not copied: they are read
 afterwards from the cache the model returns. The final norm's RMS at the same rows comes from a
 forward hook on the norm. The vision tower is not touched.
 
@@ -36,6 +37,7 @@ from typing import Iterator
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -48,6 +50,11 @@ CAPTURE_ATTENTION = "saliency_capture"
 # CPU; 64 MiB on a GPU, where each block costs kernel launches (Qwen2.5-VL-3B, 8 rollouts of ~1,600
 # positions: 81 rows a block, 7 blocks a layer) and a generation's own transients are far larger.
 _LSE_BLOCK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 24}
+
+# The CPU kernel behind SDPA; it also returns the LSE of every query row (None if this torch lacks it).
+# Its binding in the torch namespace: through torch.ops.aten each call costs ~5 us more.
+_FLASH_CPU = getattr(torch, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH = int(SDPBackend.FLASH_ATTENTION)
 
 _ACTIVE: contextvars.ContextVar["SaliencyCapture | None"] = contextvars.ContextVar("saliency_capture", default=None)
 
@@ -88,9 +95,10 @@ class SaliencyCapture:
     Positions are counted per layer from the first call after the capture starts, so the model must
     start from an empty cache (as ``generate`` and a plain forward do).
 
-    A call of several query rows (prefill, teacher-forced forward) has the LSEs of its recorded rows
-    computed at once, from its own mask. A decode step (one query row) only keeps its query: its LSE
-    is computed in :meth:`result`, for all decode rows of a layer together, from the keys and the mask of
+    A decode step on CPU hands over the LSEs the attention kernel returned. Otherwise, a call of several
+    query rows (prefill, teacher-forced forward) has the LSEs of its recorded rows computed at once,
+    from its own mask, and a decode step (one query row) only keeps its query: its LSE is computed in
+    :meth:`result`, for all decode rows of a layer together, from the keys and the mask of
     that layer's last decode step. Generation only appends to the cache and to the mask, so row ``p``'s
     own mask is the last one cut at ``p`` (causality): the same numbers, without a dozen small kernel
     launches per layer and step inside the decode loop. Layers with a sliding window, whose masks are not
@@ -119,6 +127,7 @@ class SaliencyCapture:
         self._last: list[tuple[torch.Tensor, torch.Tensor | None] | None] = [None] * num_layers
         self._scaling = [1.0] * num_layers
         self._rms: list[torch.Tensor] = []
+        self._norm_eps = adapter.norm_eps  # read once: the property walks four modules (~20 us a decode step)
         self._seen = [0] * num_layers
         self._norm_seen = 0
 
@@ -130,7 +139,8 @@ class SaliencyCapture:
         return slice(lo - start, hi - start) if lo < hi else None
 
     def record_attention(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor,
-                         attention_mask: torch.Tensor | None, scaling: float, sliding_window: int | None = None) -> None:
+                         attention_mask: torch.Tensor | None, scaling: float, sliding_window: int | None = None,
+                         lse: torch.Tensor | None = None) -> None:
         """Keep ``query`` (and the LSE) of the rows to record, for the language layer ``module`` belongs to.
 
         Args:
@@ -140,6 +150,7 @@ class SaliencyCapture:
             attention_mask: ``None`` (causal), bool ``[B|1, 1|H, q, k]`` (True attends) or additive float.
             scaling: softmax scale.
             sliding_window: the layer's window, if any (its LSEs are then never deferred).
+            lse: ``[B, H, q]`` the LSEs of this call's rows as the attention kernel returned them, if it did.
         """
         layer = self._layer_of.get(id(module))
         if layer is None:
@@ -150,11 +161,15 @@ class SaliencyCapture:
         rows = self._rows(start, q_len)
         if rows is None:
             return
-        q_rows = query.detach()[:, :, rows]
-        if q_rows.shape[2] != q_len:  # a view of some rows would keep the whole call's queries alive
-            q_rows = q_rows.clone()
+        if rows.stop - rows.start == q_len:  # every row (a decode step): no slicing op per layer and step
+            q_rows = query.detach()
+        else:  # a view of some rows would keep the whole call's queries alive
+            q_rows = query.detach()[:, :, rows].clone()
         self._queries[layer].append(q_rows)
         self._scaling[layer] = scaling
+        if lse is not None:
+            self._lse[layer].append(lse if q_rows.shape[2] == q_len else lse[:, :, rows])
+            return
         if q_len == 1 and sliding_window is None:
             self._lse[layer].append(None)
             self._last[layer] = (key.detach(), attention_mask)
@@ -174,10 +189,10 @@ class SaliencyCapture:
         rows = self._rows(start, q_len)
         if rows is None:
             return
-        x = hidden.detach()[:, rows]
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        x = x.to(dtype)
-        self._rms.append(torch.sqrt(x.pow(2).mean(-1) + self.adapter.norm_eps))
+        x = hidden.detach()[:, rows] if rows.stop - rows.start < q_len else hidden.detach()
+        if x.dtype != torch.float64:
+            x = x.float()
+        self._rms.append(x.pow(2).mean(-1).add_(self._norm_eps).sqrt_())
 
     def result(self) -> CapturedRows:
         """Everything recorded so far, stacked over rows (deferred decode-row LSEs are computed here)."""
@@ -247,6 +262,44 @@ def _row_lse(q_rows: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
     return torch.cat(out, dim=2)
 
 
+def _decode_attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                               attention_mask: torch.Tensor | None, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A decode step's attention through the CPU kernel that SDPA dispatches to, called directly so that
+    the row LSEs it computes anyway come back too: recomputing them from the keys after generation took
+    ~18 ms of a ~550 ms generation (+3 %) in the CPU benchmark (bench/test_bench_capture.py).
+
+    The kernel gets what ``sdpa_attention_forward`` (transformers 5.24) gives SDPA for one query row: a
+    bool mask made additive as SDPA does; grouped heads as they are without a mask (``enable_gqa``) and,
+    with one, a group's heads as the query rows of their key head (``pack_gqa``). The output is then
+    SDPA's bit for bit; a transformers that arranges the heads otherwise differs by rounding only.
+
+    Returns ``(output [B, 1, H, d_v], lse [B, H, 1])`` (LSE in float32, float64 for float64), or ``None``
+    where SDPA would pick another kernel, the kernel is missing or rejects the inputs.
+    """
+    if (_FLASH_CPU is None or query.device.type != "cpu" or kwargs.get("dropout", 0.0)
+            or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None):
+        return None
+    batch, heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    q, mask = query, attention_mask
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            mask = torch.zeros_like(mask, dtype=query.dtype).masked_fill_(mask.logical_not(), float("-inf"))
+        if heads != kv_heads:
+            q = query.reshape(batch, kv_heads, heads // kv_heads, dim)
+            if mask.shape[1] > 1:
+                mask = mask.reshape(mask.shape[0], kv_heads, heads // kv_heads, mask.shape[-1])
+    scale = kwargs.get("scaling")
+    if torch._fused_sdp_choice(q, key, value, mask, 0.0, False, scale=scale, enable_gqa=q.shape[1] != kv_heads) != _FLASH:
+        return None
+    try:
+        out, lse = _FLASH_CPU(q, key, value, 0.0, False, attn_mask=mask, scale=scale)
+    except RuntimeError:
+        return None
+    return (out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(),
+            lse.reshape(batch, heads, 1))
+
+
 def saliency_capture_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                attention_mask: torch.Tensor | None, **kwargs):
     """Attention function registered as ``"saliency_capture"``: SDPA's output (``sdpa_attention_forward``),
@@ -256,12 +309,17 @@ def saliency_capture_attention(module: nn.Module, query: torch.Tensor, key: torc
     Shapes as transformers passes them: ``query [B, H, q, d]``, ``key``/``value [B, H_kv, k, d]``.
     """
     capture = kwargs.pop("saliency_capture", None) or _ACTIVE.get()
-    output = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    if capture is not None:
-        scaling = kwargs.get("scaling")
-        capture.record_attention(module, query, key, attention_mask,
-                                 scaling if scaling is not None else query.shape[-1] ** -0.5,
-                                 kwargs.get("sliding_window"))
+    if capture is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    fused = _decode_attention_with_lse(query, key, value, attention_mask, kwargs) if query.shape[2] == 1 else None
+    if fused is not None:
+        output, lse = (fused[0], None), fused[1]
+    else:
+        output, lse = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs), None
+    scaling = kwargs.get("scaling")
+    capture.record_attention(module, query, key, attention_mask,
+                             scaling if scaling is not None else query.shape[-1] ** -0.5,
+                             kwargs.get("sliding_window"), lse)
     return output
 
 

@@ -8,8 +8,11 @@ import torch
 from PIL import Image
 
 from saliency_r1.adapters import get_adapter
-from saliency_r1.capture import (CAPTURE_ATTENTION, SaliencyCapture, _row_lse, capture_saliency,
-                                 register_capture_attention, saliency_capture_attention, text_attention)
+import saliency_r1.capture as capture_module
+from saliency_r1.capture import (CAPTURE_ATTENTION, SaliencyCapture, _decode_attention_with_lse, _row_lse,
+                                 capture_saliency, register_capture_attention, saliency_capture_attention,
+                                 text_attention)
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from saliency_r1.tiny import build_tiny_model, build_tiny_processor
 
 
@@ -240,3 +243,75 @@ def test_sliding_window_rows_are_reduced_at_once():
         deferred._queries[layer].append(q)
         deferred._lse[layer].append(want)
     torch.testing.assert_close(deferred.result().lse[0], want)
+
+
+class _Attention(torch.nn.Module):
+    """What ``sdpa_attention_forward`` reads from an attention module."""
+
+    def __init__(self, groups: int):
+        super().__init__()
+        self.num_key_value_groups = groups
+        self.is_causal = True
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive", "per_head"])
+@pytest.mark.parametrize("heads,kv_heads", [(6, 3), (4, 4)])
+def test_decode_kernel_output_is_sdpa_and_lse_is_logsumexp(dtype, mask_kind, heads, kv_heads):
+    """One decode row through the CPU kernel directly: the output is sdpa_attention_forward's bit for bit,
+    and the LSE it hands over is the row's log-sum-exp."""
+    gen = torch.Generator().manual_seed(0)
+    B, d, kv = 3, 16, 37
+    query = torch.randn(B, 1, heads, d, generator=gen).to(dtype).transpose(1, 2)  # as transformers lays it out
+    key = torch.randn(B, kv_heads, kv, d, generator=gen).to(dtype)
+    value = torch.randn(B, kv_heads, kv, d, generator=gen).to(dtype)
+    allowed = torch.ones(B, heads if mask_kind == "per_head" else 1, 1, kv, dtype=torch.bool)
+    allowed[1, ..., :5] = False  # left padding
+    allowed[2, ..., 7] = False
+    mask = {"none": None, "bool": allowed, "per_head": allowed,
+            "additive": torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)}[mask_kind]
+    kwargs = dict(dropout=0.0, scaling=0.3, sliding_window=None)
+    fused = _decode_attention_with_lse(query, key, value, mask, kwargs)
+    if capture_module._FLASH_CPU is None:
+        assert fused is None
+        return
+    output, lse = fused
+    want, _ = sdpa_attention_forward(_Attention(heads // kv_heads), query, key, value, mask, **kwargs)
+    assert torch.equal(output, want)
+    scores = query.double() @ key.double().repeat_interleave(heads // kv_heads, dim=1).transpose(-1, -2) * 0.3
+    if mask_kind != "none":
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-5}[dtype]
+    torch.testing.assert_close(lse.double(), torch.logsumexp(scores, dim=-1), rtol=tol, atol=tol)
+
+
+def test_decode_kernel_declines_what_sdpa_would_not_run_there():
+    q, k = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 5, 8)
+    assert _decode_attention_with_lse(q, k, k, None, dict(dropout=0.1, scaling=0.3)) is None
+    assert _decode_attention_with_lse(q, k, k, None, dict(softcap=30.0, scaling=0.3)) is None
+    assert _decode_attention_with_lse(q, k, k[..., :4], None, dict(scaling=0.3)) is None  # SDPA: math kernel
+
+
+def test_generation_takes_decode_lse_from_the_kernel_or_defers_it_alike(processor, monkeypatch):
+    """On CPU every decode row's LSE comes from the attention kernel (nothing left for result() to
+    reduce); without the kernel they are deferred and reduced after generation, to the same values."""
+    model = build_tiny_model(processor, seed=3, dtype=torch.float64)
+    inputs = _inputs(processor)
+    P = inputs["input_ids"].shape[1]
+
+    def run():
+        with capture_saliency(model, first_row=P - 1) as capture:
+            tokens = model.generate(**inputs, do_sample=False, max_new_tokens=8)
+        deferred = sum(lse is None for per_layer in capture._lse for lse in per_layer)
+        return tokens, deferred, capture.result()
+
+    tokens, deferred, fused = run()
+    assert deferred == (0 if capture_module._FLASH_CPU is not None else 7 * len(fused.lse))
+    monkeypatch.setattr(capture_module, "_FLASH_CPU", None)
+    tokens_without, deferred_without, reduced = run()
+    assert torch.equal(tokens, tokens_without)
+    assert deferred_without == 7 * len(reduced.lse)  # 8 rows: the prefill's last, then 7 decode steps
+    for layer in range(len(fused.lse)):
+        assert torch.equal(fused.queries[layer], reduced.queries[layer])
+        torch.testing.assert_close(fused.lse[layer], reduced.lse[layer], rtol=1e-12, atol=1e-12)
