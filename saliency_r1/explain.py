@@ -201,11 +201,25 @@ def _pad_index(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tenso
     return out.to(device), torch.tensor([len(r) for r in rows], dtype=torch.long, device=device)
 
 
-def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x[b, :, index[b, j]]`` for ``x`` of ``[B, H, R]`` or ``[B, H, R, d]`` and ``index [B, J]``."""
-    if x.dim() == 3:
-        return x.gather(2, index[:, None, :].expand(-1, x.shape[1], -1))
-    return x.gather(2, index[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))
+class _RowTaker:
+    """``x[b, :, index[b, j]]`` for ``x`` of ``[B, H, R]`` or ``[B, H, R, d]`` and ``index [B, J]``, as one
+    ``index_select`` over ``x``'s rows: 10x faster on CPU than ``gather`` with an expanded index (a layer's
+    image keys, ``[4, 2, 256, 32]`` of 340 positions: 31 us against 313 us), which made up a quarter of the
+    saliency's time in the CPU benchmark. The flat row index depends only on ``(H, R)``: built once per
+    shape, it serves every layer."""
+
+    def __init__(self, index: torch.Tensor) -> None:
+        self.index = index
+        self._flat: dict[tuple[int, int], torch.Tensor] = {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        batch, heads, rows = x.shape[:3]
+        flat = self._flat.get((heads, rows))
+        if flat is None:
+            base = torch.arange(batch * heads, device=x.device).view(batch, heads, 1) * rows
+            flat = self._flat[heads, rows] = (base + self.index[:, None, :]).reshape(-1)
+        taken = x.reshape(batch * heads * rows, -1).index_select(0, flat)
+        return taken.view(batch, heads, self.index.shape[1], *x.shape[3:])
 
 
 def _alpha_head_sum(q: torch.Tensor, lse: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
@@ -303,15 +317,17 @@ def saliency_from_capture(model: nn.Module, processor, captured: CapturedRows, c
         g_think = answer_logit_directions(adapter.norm_weight, adapter.unembedding, predicted,
                                           captured.rms.gather(1, think_rows))
         think_lengths = torch.stack([image_len, think_len, think_len], dim=1)
+    take_answer, take_think = _RowTaker(answer_rows), _RowTaker(think_rows)
+    take_think_key, take_image = _RowTaker(think_pos), _RowTaker(image_index)
     scale = adapter.scale
     total = think_image = think_logit = answer_think = None
     for layer in range(adapter.num_layers):
         keys, values = _layer_kv(cache, layer)
         q, lse = captured.queries[layer], captured.lse[layer]
-        q_answer, lse_answer = _gather_rows(q, answer_rows), _gather_rows(lse, answer_rows)
-        q_think, lse_think = _gather_rows(q, think_rows), _gather_rows(lse, think_rows)
-        k_think = _gather_rows(keys, think_pos)
-        k_image, v_image = _gather_rows(keys, image_index), _gather_rows(values, image_index)
+        q_answer, lse_answer = take_answer(q), take_answer(lse)
+        q_think, lse_think = take_think(q), take_think(lse)
+        k_think = take_think_key(keys)
+        k_image, v_image = take_image(keys), take_image(values)
         o_proj = adapter.o_proj_weight(layer)
         u = project_answer_vectors(g, o_proj, adapter.num_heads).to(q.dtype)
         s_layer = layer_saliency(q_think, lse_think, q_answer, lse_answer, k_think, k_image, v_image, u,

@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from saliency_r1.explain import Explanation, explain, generate_with_saliency, saliency_for_completions
+from saliency_r1.explain import (Explanation, _RowTaker, explain, generate_with_saliency,
+                                 saliency_for_completions)
 from saliency_r1.tiny import build_tiny_model, build_tiny_processor
 from test_adapters import family_model, family_processor
 
@@ -356,3 +357,19 @@ def test_explain_returns_completion_spans_and_maps(processor):
     assert result.valid == bool(result.rollout.valid[0])
     assert bool((result.display_maps[0] >= 0).all())
     assert result.reward is None
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 42), (2, 6, 123, 7), (1, 1, 6, 1)])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_row_taker_equals_gather(shape, contiguous):
+    """``x[b, :, index[b, j]]`` through one flat index_select, for every layer's shape, equals ``gather``."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    if not contiguous:  # e.g. queries laid out [B, R, H, d] and transposed
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    index = torch.randint(0, shape[2], (shape[0], 9), generator=gen)
+    take = _RowTaker(index)
+    expand = index[:, None, :, None].expand(-1, shape[1], -1, *shape[3:]) if x.dim() == 4 else \
+        index[:, None, :].expand(-1, shape[1], -1)
+    for _ in range(2):  # the second call reuses the flat index built by the first
+        assert torch.equal(take(x), x.gather(2, expand))
