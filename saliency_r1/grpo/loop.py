@@ -414,8 +414,7 @@ def train(cfg: TrainConfig) -> RunResult:
         # Per-token (DAPO) normalisation divides by the tokens of the whole batch; DDP then averages
         # the processes' gradients, so each divides by global tokens / processes.
         token_count = (accelerator.reduce(mask.sum(), reduction="sum") / world).clamp(min=1.0)
-        model.train()
-        with torch.no_grad(), _autocast(cfg, device):
+        with torch.no_grad(), _autocast(cfg, device):  # still in eval mode: no dropout in the denominators
             # The ratio's denominator: the generating policy. Only needed when later inner
             # iterations have moved away from it; the first uses logps.detach().
             old = [completion_logps(policy, select(inputs, rows, pixel_rows), completion_ids[rows], mask[rows],
@@ -424,6 +423,7 @@ def train(cfg: TrainConfig) -> RunResult:
                                     mask[rows]) for rows in micro] if cfg.beta != 0.0 else None
         clip_fraction = torch.zeros((), device=device)
         kl = torch.zeros((), device=device)
+        model.train()
         for _ in range(cfg.inner_iterations):
             for m, rows in enumerate(micro):
                 sync = m + 1 == len(micro)  # DDP all-reduces gradients once per optimizer step
@@ -460,7 +460,8 @@ def train(cfg: TrainConfig) -> RunResult:
                                "learning_rate": torch.tensor(learning_rate)}))
         if timed:
             record = _flush(pending, accelerator)
-            record["pointing_game"] = pointing_rate(rollout, examples)
+            local_rate = torch.tensor(pointing_rate(rollout, examples), device=device)
+            record["pointing_game"] = float(accelerator.reduce(local_rate, reduction="mean"))  # every process's
             # generate() ends in a host sync (stopping criteria); the rest of the synced rollout lap is saliency.
             generation = rollout.timings["generate"]
             record.update({"time/generation": generation, "time/saliency": clock.laps["rollout"] - generation,
