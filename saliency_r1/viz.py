@@ -15,9 +15,10 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+
+from saliency_r1.metrics import upsample
 
 HEAT_CMAP = "jet"
 TEXT_CMAP = "Oranges"
@@ -27,8 +28,7 @@ def upsample_map(saliency: torch.Tensor, height: int, width: int) -> np.ndarray:
     """``relu(saliency)`` (``[h', w']``) stretched over ``height x width`` pixels (bilinear, half-pixel centres)."""
     if saliency.dim() != 2:
         raise ValueError(f"saliency must be [h', w'], got shape {tuple(saliency.shape)}")
-    grid = saliency.detach().to(torch.float32).clamp(min=0).cpu()[None, None]
-    return F.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)[0, 0].numpy()
+    return upsample(saliency, height, width).cpu().numpy()
 
 
 def _normalised_boxes(boxes) -> list[tuple[float, float, float, float]]:
