@@ -51,7 +51,7 @@ CHAT_TEMPLATE = (
 _CORPUS_WORDS = """
 a an the is are of in on at to and or what which where how many colour color shape object objects
 image picture look looking left right top bottom middle centre center upper lower corner side
-red green blue yellow orange purple pink white black gray grey brown cyan magenta
+red green blue yellow orange purple pink white black gray grey brown cyan magenta light dark pale deep bright
 circle square triangle star cross diamond ring rectangle shape shapes background clutter
 answer question think reasoning step first then so therefore because see i it this that there
 one two three four five six seven eight nine ten zero yes no true false option options

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from saliency_r1.data import SyntheticConfig, SyntheticGroundedVQA, load_saliency_data, parse_normalised_boxes
-from saliency_r1.data.synthetic import COLORS
+from saliency_r1.data.synthetic import COLORS, tone, worked_completion
 
 
 def test_synthetic_is_deterministic_and_seeds_differ():
@@ -19,17 +19,23 @@ def test_synthetic_is_deterministic_and_seeds_differ():
     assert any(a[i]["image"].tobytes() != c[i]["image"].tobytes() for i in range(6))
 
 
+@pytest.mark.parametrize("questions", ["shade", "shape"])
 @pytest.mark.parametrize("size", [112, 168, 224])
-def test_synthetic_box_holds_the_answer(size):
-    data = SyntheticGroundedVQA(20, seed=1, config=SyntheticConfig(image_size=size))
+def test_synthetic_box_holds_the_answer(size, questions):
+    data = SyntheticGroundedVQA(20, seed=1, config=SyntheticConfig(image_size=size, questions=questions))
     for example in data:
-        image, (color, shape) = example["image"], example["target"]
+        image, (color, shape, shade) = example["image"], example["target"]
         assert image.size == (size, size)
         x_lo, y_lo, x_hi, y_hi = example["box_pixels"]
         # The object's colour is at its centre (every shape covers its box centre).
-        assert image.getpixel(((x_lo + x_hi) // 2, (y_lo + y_hi) // 2)) == COLORS[color]
-        assert example["solution"] in (color, shape)
-        assert (shape if example["solution"] == color else color) in example["problem"]
+        assert image.getpixel(((x_lo + x_hi) // 2, (y_lo + y_hi) // 2)) == tone(COLORS[color], shade)
+        if questions == "shade":  # the colour names the object, its tone is the answer
+            assert example["solution"] == shade and f"the {color} object" in example["problem"]
+        else:
+            assert example["solution"] in (color, shape)
+            assert (shape if example["solution"] == color else color) in example["problem"]
+        assert worked_completion(example) == f"<think>{color} {shade if questions == 'shade' else shape}</think>" \
+            f"<answer>{example['solution']}</answer>"
         # The normalised string maps back to the pixel box by SPEC section 4's floor rule.
         x1, y1, x2, y2 = parse_normalised_boxes(example["bbox"])[0]
         assert (math.floor(size * x1), math.floor(size * y1), math.floor(size * x2), math.floor(size * y2)) == \
@@ -48,6 +54,8 @@ def test_synthetic_rejects_bad_config():
         SyntheticConfig(num_objects=9)
     with pytest.raises(ValueError, match="max_object"):
         SyntheticConfig(min_object=40, max_object=30)
+    with pytest.raises(ValueError, match="questions"):
+        SyntheticConfig(questions="size")
 
 
 @pytest.mark.parametrize("bad, message", [

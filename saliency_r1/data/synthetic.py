@@ -1,10 +1,18 @@
 """A grounded-VQA set built in code: coloured shapes on a cluttered background.
 
-Each image holds a few objects with distinct colours and distinct shapes, scattered over
-grey clutter. The question names one object by one attribute and asks for the other
-("What color is the square?", "What shape is the red object?"), so the answer needs that
-object and nothing else, and its box is the evidence region. Every example is a pure
-function of ``(seed, index)``: the set needs no storage and is the same on every machine.
+Each image holds a few objects with distinct colours and distinct shapes, each drawn in a light
+or a dark tone of its colour, scattered over grey clutter. The question names one object and
+asks for an attribute of it that only that object shows, so the answer needs that object and
+nothing else, and its box is the evidence region:
+
+- ``"shade"`` (default): "Is the red object light or dark?". The tone is in every pixel of the
+  object, so even a tiny randomly initialised model learns to read it, and naming an object in
+  its reasoning makes it look there (what the CPU evidence of learning needs).
+- ``"shape"``: "What color is the square?" / "What shape is the red object?". Shapes are
+  harder to read from 28-px image tokens: the tiny model does not learn them on CPU.
+
+Every example is a pure function of ``(seed, index)``: the set needs no storage and is the same
+on every machine.
 """
 
 from __future__ import annotations
@@ -19,6 +27,15 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "yellow": (235, 215, 20), "purple": (140, 40, 170), "orange": (245, 130, 20),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
+SHADES: tuple[str, ...] = ("light", "dark")
+QUESTIONS: tuple[str, ...] = ("shade", "shape")
+
+
+def tone(rgb: tuple[int, int, int], shade: str) -> tuple[int, int, int]:
+    """The light (towards white) or dark (towards black) tone of a colour."""
+    if shade == "light":
+        return tuple(255 - (255 - c) * 45 // 100 for c in rgb)
+    return tuple(c * 45 // 100 for c in rgb)
 
 
 @dataclass(frozen=True)
@@ -31,6 +48,8 @@ class SyntheticConfig:
         min_object: smallest object side in pixels.
         max_object: largest object side in pixels.
         clutter: number of grey distractor strokes and dots in the background.
+        questions: ``"shade"`` (is the named object light or dark) or ``"shape"`` (the colour of
+            the named shape, or the shape of the named colour); see the module docstring.
     """
 
     image_size: int = 112
@@ -38,8 +57,11 @@ class SyntheticConfig:
     min_object: int = 24
     max_object: int = 36
     clutter: int = 40
+    questions: str = "shade"
 
     def __post_init__(self) -> None:
+        if self.questions not in QUESTIONS:
+            raise ValueError(f"questions must be one of {QUESTIONS}, got {self.questions!r}")
         if not 1 <= self.num_objects <= len(SHAPES):
             raise ValueError(f"num_objects must be in [1, {len(SHAPES)}], got {self.num_objects}")
         if not 4 <= self.min_object <= self.max_object <= self.image_size:
@@ -79,8 +101,9 @@ def make_example(seed: int, index: int, config: SyntheticConfig = SyntheticConfi
     Returns a record in the Saliency-R1 format plus helpers:
         ``image`` (PIL RGB, ``image_size`` square), ``problem`` (str), ``solution`` (str),
         ``bbox`` (str, normalised ``[x1,y1,x2,y2]`` of the target object),
-        ``box_pixels`` (inclusive integer ``(x_lo, y_lo, x_hi, y_hi)``), ``target`` (colour, shape),
-        ``objects`` (every object as ``(colour, shape, box_pixels)``, the target at index ``target_index``).
+        ``box_pixels`` (inclusive integer ``(x_lo, y_lo, x_hi, y_hi)``), ``target`` (colour, shape, shade),
+        ``objects`` (every object as ``(colour, shape, shade, box_pixels)``, the target at index
+        ``target_index``), ``questions`` (which kind of question, see :class:`SyntheticConfig`).
     """
     rng = random.Random(f"saliency-r1-synthetic/{seed}/{index}")
     size = config.image_size
@@ -96,14 +119,17 @@ def make_example(seed: int, index: int, config: SyntheticConfig = SyntheticConfi
             draw.ellipse((x - r, y - r, x + r, y + r), fill=(grey,) * 3)
     colors = rng.sample(sorted(COLORS), config.num_objects)
     shapes = rng.sample(SHAPES, config.num_objects)
+    shades = [rng.choice(SHADES) for _ in colors]
     boxes: list[tuple[int, int, int, int]] = []
-    for color, shape in zip(colors, shapes):
+    for color, shape, shade in zip(colors, shapes, shades):
         box = _place(rng, config, boxes)
         boxes.append(box)
-        _draw_shape(draw, shape, box, COLORS[color])
+        _draw_shape(draw, shape, box, tone(COLORS[color], shade))
     target = rng.randrange(config.num_objects)
-    color, shape = colors[target], shapes[target]
-    if rng.random() < 0.5:
+    color, shape, shade = colors[target], shapes[target], shades[target]
+    if config.questions == "shade":
+        problem, solution = f"Is the {color} object light or dark?", shade
+    elif rng.random() < 0.5:
         problem, solution = f"What color is the {shape}?", color
     else:
         problem, solution = f"What shape is the {color} object?", shape
@@ -112,22 +138,27 @@ def make_example(seed: int, index: int, config: SyntheticConfig = SyntheticConfi
     # centre of each pixel, which survives rounding to 4 decimals.
     bbox = "[" + ",".join(f"{(v + 0.5) / size:.4f}" for v in (x_lo, y_lo, x_hi, y_hi)) + "]"
     return {"image": image, "problem": problem, "solution": solution, "bbox": bbox,
-            "box_pixels": boxes[target], "target": (color, shape), "target_index": target,
-            "objects": list(zip(colors, shapes, boxes))}
+            "box_pixels": boxes[target], "target": (color, shape, shade), "target_index": target,
+            "objects": list(zip(colors, shapes, shades, boxes)), "questions": config.questions}
 
 
 def worked_completion(example: dict, described: int | None = None) -> str:
-    """A well-formed completion for ``example``: the reasoning names one object, the answer is right.
+    """A well-formed completion for ``example``: the reasoning names one object by its colour and
+    reads off the attribute the question asks about, the answer is right.
 
     ``described`` picks the object the reasoning names (default: the target). The cold start
     trains on completions that name a random object, so that the policy starts out looking at
     any object and only a reward for looking at the evidence tells it which one.
 
-    >>> worked_completion({"objects": [("red", "square", (0, 0, 9, 9))], "target_index": 0, "solution": "red"})
+    >>> example = {"objects": [("red", "square", "dark", (0, 0, 9, 9))], "target_index": 0, "solution": "dark"}
+    >>> worked_completion(dict(example, questions="shade"))
+    '<think>red dark</think><answer>dark</answer>'
+    >>> worked_completion(dict(example, questions="shape", solution="red"))
     '<think>red square</think><answer>red</answer>'
     """
-    color, shape, _ = example["objects"][example["target_index"] if described is None else described]
-    return f"<think>{color} {shape}</think><answer>{example['solution']}</answer>"
+    color, shape, shade, _ = example["objects"][example["target_index"] if described is None else described]
+    read = shade if example["questions"] == "shade" else shape
+    return f"<think>{color} {read}</think><answer>{example['solution']}</answer>"
 
 
 class SyntheticGroundedVQA:
