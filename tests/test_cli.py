@@ -29,7 +29,9 @@ def test_train_flags_and_yaml(tmp_path):
 def test_train_evaluate_explain(tmp_path, tmp_path_factory, capsys):
     cold = tmp_path_factory.getbasetemp() / "cold-start-tiny"  # shared with test_train.py and test_trl.py
     if not (cold / "config.json").is_file():
-        export_cold_start(TrainConfig(cold_start_steps=40, prompts_per_step=2, num_generations=4), cold)
+        # 3e-3 teaches the format in 40 steps (the default 1e-3 needs more to read images).
+        export_cold_start(TrainConfig(cold_start_steps=40, cold_start_lr=3e-3, prompts_per_step=2,
+                                      num_generations=4), cold)
     out = tmp_path / "run"
     assert main(["train", "--model", str(cold), "--steps", "1", "--prompts-per-step", "2", "--num-generations", "2",
                  "--max-completion-length", "12", "--eval-size", "2", "--eval-limit", "2", "--output-dir", str(out),

@@ -37,12 +37,14 @@ class TrainConfig:
     eval_data: str | None = _f(None, "Held-out data (same format). Unset with --data: no evaluation; unset "
                                      "without: a held-out synthetic set (seed eval_seed).")
     max_image_side: int = _f(512, "Records whose image is larger than this on a side are dropped (public setup).")
-    train_size: int = _f(256, "Synthetic set: number of training examples.")
+    train_size: int = _f(1024, "Synthetic set: number of training examples.")
     eval_size: int = _f(64, "Synthetic set: number of held-out examples.")
     data_seed: int = _f(0, "Synthetic set: seed of the training images.")
     eval_seed: int = _f(10_000, "Synthetic set: seed of the held-out images (different from data_seed).")
     image_size: int = _f(112, "Synthetic set: image side in pixels (112 -> a 4 x 4 grid of image tokens).")
     num_objects: int = _f(3, "Synthetic set: objects per image (distinct colours and shapes; 1 to 4).")
+    synthetic_questions: str = _f("shade", "Synthetic set: shade (is the named object light or dark; the tiny "
+                                           "model learns it on CPU) or shape (colour of a shape / shape of a colour).")
     min_pixels: int = _f(56 * 56, "Processor: smallest image area after resizing.")
     max_pixels: int = _f(224 * 224, "Processor: largest image area after resizing (real models: e.g. 512*512).")
     system_prompt: str | None = _f(None, "System prompt. Unset: reason in <think></think>, answer in <answer></answer>.")
@@ -88,9 +90,9 @@ class TrainConfig:
     lora_alpha: int = _f(16, "LoRA alpha.")
     lora_dropout: float = _f(0.0, "LoRA dropout.")
     lora_targets: list[str] = _f(["q_proj", "v_proj"], "Modules that get LoRA adapters (paper: q_proj, v_proj).")
-    cold_start_steps: int = _f(300, "Tiny model only: supervised steps on worked completions of the synthetic "
+    cold_start_steps: int = _f(2000, "Tiny model only: supervised steps on worked completions of the synthetic "
                                     "set before GRPO (the paper's cold start; a real checkpoint brings its own).")
-    cold_start_lr: float = _f(3e-3, "Learning rate of the cold-start steps.")
+    cold_start_lr: float = _f(1e-3, "Learning rate of the cold-start steps (3e-3 never learns to read the image).")
 
     # ---------------------------------------------------------------- bookkeeping
     seed: int = _f(0, "Seed of model initialisation (tiny), data order and sampling.")
@@ -105,7 +107,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         choices = {"advantage_scale": ("group", "batch", "none"), "normalisation": ("sequence", "token", "constant"),
-                   "saliency_path": ("cot", "direct", "both"), "bf16": ("auto", "true", "false")}
+                   "saliency_path": ("cot", "direct", "both"), "bf16": ("auto", "true", "false"),
+                   "synthetic_questions": ("shade", "shape")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.utils.data import Subset
+from tqdm.auto import tqdm
 
 from saliency_r1.adapters import get_adapter
 from saliency_r1.grpo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -89,7 +91,8 @@ def load_data(cfg: TrainConfig):
     from saliency_r1.data import SyntheticConfig, SyntheticGroundedVQA, load_saliency_data
 
     if cfg.data is None:
-        drawing = SyntheticConfig(image_size=cfg.image_size, num_objects=cfg.num_objects)
+        drawing = SyntheticConfig(image_size=cfg.image_size, num_objects=cfg.num_objects,
+                                  questions=cfg.synthetic_questions)
         return (SyntheticGroundedVQA(cfg.train_size, seed=cfg.data_seed, config=drawing),
                 SyntheticGroundedVQA(cfg.eval_size, seed=cfg.eval_seed, config=drawing))
     train = load_saliency_data(cfg.data, max_image_side=cfg.max_image_side)
@@ -233,8 +236,8 @@ def pointing_rate(rollout, examples: list[dict]) -> float:
 
 def cold_start(model, processor, data, cfg: TrainConfig, device) -> list[float]:
     """Supervised steps on worked completions of the synthetic set (the paper's cold start): the
-    policy learns the ``<think>/<answer>`` format and to name an object of the image before
-    answering. The reasoning names a random object, so where it looks is left for GRPO."""
+    policy learns the ``<think>/<answer>`` format and to name an object of the image and read it
+    before answering. The reasoning names a random object, so where it looks is left for GRPO."""
     from saliency_r1.data.synthetic import worked_completion
 
     if not hasattr(data, "config"):
@@ -242,22 +245,25 @@ def cold_start(model, processor, data, cfg: TrainConfig, device) -> list[float]:
     generator = torch.Generator().manual_seed(cfg.seed + 17)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.cold_start_lr)
     eos = processor.tokenizer.eos_token_id
+    examples = [data[i] for i in range(len(data))]
+    # The processor is most of a tiny step's time: run it once over the set, then pick rows.
+    prompts = prompt_inputs(processor, examples, system_prompt(cfg))
+    pixel_rows = image_rows(prompts)
     model.train()
     losses = []
-    for _ in range(cfg.cold_start_steps):
-        picks = torch.randint(len(data), (cfg.rollouts_per_step,), generator=generator).tolist()
-        examples = [data[i] for i in picks]
-        texts = [worked_completion(e, int(torch.randint(len(e["objects"]), (1,), generator=generator)))
-                 for e in examples]
-        prompt = prompt_inputs(processor, examples, system_prompt(cfg)).to(device)
+    for _ in tqdm(range(cfg.cold_start_steps), desc="cold start", disable=not cfg.progress, leave=False):
+        picks = torch.randint(len(examples), (cfg.rollouts_per_step,), generator=generator).tolist()
+        texts = [worked_completion(examples[i], int(torch.randint(len(examples[i]["objects"]), (1,),
+                                                                  generator=generator))) for i in picks]
+        prompt = {k: v.to(device) for k, v in select(prompts, picks, pixel_rows).items()}
         ids = [torch.tensor(processor.tokenizer(t, add_special_tokens=False)["input_ids"] + [eos]) for t in texts]
         completion_ids, mask = pad_completions(ids, processor.tokenizer.pad_token_id, device)
-        logps = completion_logps(model, dict(prompt), completion_ids, mask, 1.0)
+        logps = completion_logps(model, prompt, completion_ids, mask, 1.0)
         loss = -(logps * mask).sum() / mask.sum()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())  # seconds of tiny-model steps: a sync per step is immaterial here
+        losses.append(loss.item())  # milliseconds of tiny-model steps: a sync per step is immaterial here
     model.eval()
     return losses
 
@@ -301,7 +307,6 @@ def train(cfg: TrainConfig) -> RunResult:
     """Runs GRPO as configured; returns where logs, plot and final checkpoint went."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
 
     from saliency_r1.evaluate import evaluate
     from saliency_r1.explain import generate_with_saliency
@@ -365,12 +370,21 @@ def train(cfg: TrainConfig) -> RunResult:
             k: ",".join(v) if isinstance(v, list) else "" if v is None else v for k, v in cfg.to_dict().items()})
 
     def run_evaluation(step: int) -> None:
-        if held_out is None or not accelerator.is_main_process:
+        if held_out is None:
             return
-        metrics = evaluate(policy, processor, held_out, system_prompt=system, limit=cfg.eval_limit,
-                           max_new_tokens=cfg.max_completion_length, path=cfg.saliency_path,
-                           progress=cfg.progress, bf16=_bf16(cfg, device))
+        # Every process evaluates its share (no rank waits in a collective while another evaluates
+        # alone, which a long evaluation would turn into a timeout); rates combine by sample count.
+        shard = Subset(held_out, range(rank, min(cfg.eval_limit, len(held_out)), world))
+        names = ("saliency_in_box", "pointing_game", "accuracy", "format", "valid")
+        local = evaluate(policy, processor, shard, system_prompt=system, max_new_tokens=cfg.max_completion_length,
+                         path=cfg.saliency_path, progress=cfg.progress and accelerator.is_main_process,
+                         bf16=_bf16(cfg, device)) if len(shard) else dict.fromkeys(names, 0.0) | {"samples": 0}
+        sums = accelerator.reduce(torch.tensor([local[k] * local["samples"] for k in names] + [local["samples"]],
+                                               dtype=torch.float64, device=device), reduction="sum").tolist()
+        metrics = {**{k: v / sums[-1] for k, v in zip(names, sums)}, "samples": int(sums[-1])}
         evaluations[step] = metrics
+        if not accelerator.is_main_process:
+            return
         record = {"step": step, "split": "eval", **{f"eval/{k}": v for k, v in metrics.items()}}
         with log_path.open("a") as log:
             log.write(json.dumps(record) + "\n")
