@@ -84,7 +84,12 @@ def load_checkpoint(directory: str | Path, *, model, optimizer, scheduler, rank:
 
 
 def load_weights(model, directory: str | Path) -> None:
-    """Loads ``save_pretrained`` weights (full model or adapter) into ``model`` in place, exactly."""
+    """Loads ``save_pretrained`` weights (full model or adapter) into ``model`` in place, exactly.
+
+    Full models are streamed tensor by tensor from the safetensors files into the parameters, so
+    resuming never holds a second copy of the model.
+    """
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     directory = Path(directory)
@@ -93,10 +98,60 @@ def load_weights(model, directory: str | Path) -> None:
 
         set_peft_model_state_dict(model, load_file(directory / "adapter_model.safetensors"))
         return
-    # transformers renames keys between state_dict and file for some families (Qwen2.5-VL saves
-    # "visual.*" for "model.visual.*"): let from_pretrained undo its own mapping, then copy.
-    saved = type(model).from_pretrained(directory, dtype=next(model.parameters()).dtype)
-    model.load_state_dict(saved.state_dict())
+    files = sorted(directory.glob("*.safetensors"))
+    targets = model.state_dict()  # views of the parameters and buffers: copy_ writes into the model
+    saved = {}
+    for file in files:
+        with safe_open(file, "pt", device="cpu") as handle:
+            saved.update({key: file for key in handle.keys()})
+    mapping = saved_key_mapping(list(targets), list(saved))
+    if mapping is not None:  # model keys not saved must be tied to saved ones (lm_head and embeddings)
+        loaded = {targets[key].data_ptr() for key in mapping.values()}
+        if any(targets[key].data_ptr() not in loaded for key in set(targets) - set(mapping.values())):
+            mapping = None
+    if mapping is None:
+        # A renaming we cannot undo by name: let from_pretrained apply its own mapping, then copy
+        # (this path holds a second copy of the model for the duration of the load).
+        loaded = type(model).from_pretrained(directory, dtype=next(model.parameters()).dtype)
+        model.load_state_dict(loaded.state_dict())
+        return
+    with torch.no_grad():
+        for file in files:
+            with safe_open(file, "pt", device="cpu") as handle:
+                for key in handle.keys():
+                    target = targets[mapping[key]]
+                    tensor = handle.get_tensor(key)
+                    if tensor.shape != target.shape:
+                        raise ValueError(f"{file}: {key} has shape {tuple(tensor.shape)}, the model's "
+                                         f"{mapping[key]} {tuple(target.shape)}")
+                    target.copy_(tensor)
+
+
+def saved_key_mapping(model_keys: list[str], saved_keys: list[str]) -> dict[str, str] | None:
+    """``{saved key: model key}`` when the two name sets differ only by wrapper segments that
+    transformers adds or drops on save (``model.``, ``language_model.``: Qwen2.5-VL saves
+    ``model.layers.0...`` for ``model.language_model.layers.0...``), else ``None``.
+
+    Every saved key must find exactly one model key (model keys left over must be tied weights,
+    which :func:`load_weights` checks).
+
+    >>> saved_key_mapping(["model.language_model.norm.weight", "model.visual.x", "lm_head.weight"],
+    ...                   ["model.norm.weight", "visual.x", "lm_head.weight"])["model.norm.weight"]
+    'model.language_model.norm.weight'
+    """
+    def canonical(key: str) -> str:
+        return ".".join(part for part in key.split(".") if part not in ("model", "language_model"))
+
+    by_name: dict[str, list[str]] = {}
+    for key in model_keys:
+        by_name.setdefault(canonical(key), []).append(key)
+    mapping = {}
+    for key in saved_keys:
+        found = by_name.get(canonical(key), [])
+        if len(found) != 1:
+            return None
+        mapping[key] = found[0]
+    return mapping if len(set(mapping.values())) == len(mapping) else None
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
