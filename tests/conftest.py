@@ -17,3 +17,19 @@ TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def triton_device() -> str:
     """Device of the tensors handed to Triton launchers: CUDA on a GPU machine, CPU in the interpreter."""
     return TRITON_DEVICE
+
+
+@pytest.fixture(scope="session")
+def cold_model(tmp_path_factory) -> str:
+    """The tiny model after a short cold start, made once per session and shared by the training,
+    command-line and TRL tests: its completions are well formed, so every reward term, saliency
+    included, is live (a random model never closes </answer>, and an invalid completion's saliency
+    reward is 0 by definition)."""
+    from saliency_r1.grpo.config import TrainConfig
+    from saliency_r1.grpo.loop import export_cold_start
+
+    directory = tmp_path_factory.getbasetemp() / "cold-start-tiny"
+    # 3e-3 teaches the format in 40 steps (the default 1e-3 needs more to read images).
+    export_cold_start(TrainConfig(cold_start_steps=40, cold_start_lr=3e-3, prompts_per_step=2, num_generations=4),
+                      directory)
+    return str(directory)

@@ -7,7 +7,6 @@ import pytest
 from saliency_r1.cli import build_parser, main
 from saliency_r1.data import SyntheticGroundedVQA
 from saliency_r1.grpo.config import TrainConfig, config_from_args
-from saliency_r1.grpo.loop import export_cold_start
 
 
 def test_train_flags_and_yaml(tmp_path):
@@ -26,14 +25,9 @@ def test_train_flags_and_yaml(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_evaluate_explain(tmp_path, tmp_path_factory, capsys):
-    cold = tmp_path_factory.getbasetemp() / "cold-start-tiny"  # shared with test_train.py and test_trl.py
-    if not (cold / "config.json").is_file():
-        # 3e-3 teaches the format in 40 steps (the default 1e-3 needs more to read images).
-        export_cold_start(TrainConfig(cold_start_steps=40, cold_start_lr=3e-3, prompts_per_step=2,
-                                      num_generations=4), cold)
+def test_train_evaluate_explain(tmp_path, cold_model, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--model", str(cold), "--steps", "1", "--prompts-per-step", "2", "--num-generations", "2",
+    assert main(["train", "--model", cold_model, "--steps", "1", "--prompts-per-step", "2", "--num-generations", "2",
                  "--max-completion-length", "12", "--eval-size", "2", "--eval-limit", "2", "--output-dir", str(out),
                  "--progress", "false", "--report-to", "tensorboard"]) == 0
     printed = capsys.readouterr().out

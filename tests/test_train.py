@@ -12,24 +12,12 @@ from safetensors.torch import load_file
 
 from saliency_r1.grpo.checkpoint import latest_checkpoint
 from saliency_r1.grpo.config import TrainConfig
-from saliency_r1.grpo.loop import PromptOrder, _flush, export_cold_start, pad_completions, train
+from saliency_r1.grpo.loop import PromptOrder, _flush, pad_completions, train
 from saliency_r1.grpo.plots import read_log
 
 # Small enough for seconds per run on 2 cores.
 SMALL = dict(prompts_per_step=2, num_generations=2, max_completion_length=12, train_size=16, eval_size=2,
              eval_limit=2, micro_batch_size=3, progress=False)
-
-
-@pytest.fixture(scope="module")
-def cold_model(tmp_path_factory) -> str:
-    """The tiny model after a short cold start, made once per session (test_trl.py shares it): its
-    completions are well formed, so every reward term, saliency included, is live."""
-    directory = tmp_path_factory.getbasetemp() / "cold-start-tiny"
-    if not (directory / "config.json").is_file():
-        # 3e-3 teaches the format in 40 steps (the default 1e-3 needs more to read images).
-        export_cold_start(TrainConfig(cold_start_steps=40, cold_start_lr=3e-3, prompts_per_step=2,
-                                      num_generations=4), directory)
-    return str(directory)
 
 
 def _weights(checkpoint) -> dict[str, torch.Tensor]:

@@ -5,26 +5,18 @@ import torch
 
 from saliency_r1.data import SyntheticGroundedVQA
 from saliency_r1.grpo.config import TrainConfig
-from saliency_r1.grpo.loop import export_cold_start, load_policy, vision_token_ids
+from saliency_r1.grpo.loop import load_policy, vision_token_ids
 from saliency_r1.rewards import accuracy_reward, format_reward, saliency_reward
 from saliency_r1.tiny import SYSTEM_PROMPT
 
 
 @pytest.mark.slow
-def test_trl_trainer_steps_with_saliency_rewards(tmp_path, tmp_path_factory):
+def test_trl_trainer_steps_with_saliency_rewards(tmp_path, cold_model):
     from trl import GRPOConfig
 
     from saliency_r1.trl import SaliencyGRPOTrainer
 
-    # A cold-started tiny model (the same one as test_train.py's): a random one never closes
-    # </answer>, and an invalid completion's saliency reward is 0 by definition, which would make
-    # the check below vacuous.
-    directory = tmp_path_factory.getbasetemp() / "cold-start-tiny"
-    if not (directory / "config.json").is_file():
-        # 3e-3 teaches the format in 40 steps (the default 1e-3 needs more to read images).
-        export_cold_start(TrainConfig(cold_start_steps=40, cold_start_lr=3e-3, prompts_per_step=2,
-                                      num_generations=4), directory)
-    model, processor = load_policy(TrainConfig(model=str(directory)))
+    model, processor = load_policy(TrainConfig(model=cold_model))
     data = SyntheticGroundedVQA(16, seed=5)
 
     dataset = data.to_hf().map(lambda row: {"prompt": [{"role": "system", "content": SYSTEM_PROMPT},
