@@ -100,20 +100,21 @@ def load_weights(model, directory: str | Path) -> None:
         return
     files = sorted(directory.glob("*.safetensors"))
     targets = model.state_dict()  # views of the parameters and buffers: copy_ writes into the model
-    saved = {}
-    for file in files:
+    saved_keys = []
+    for file in files:  # reads only the headers
         with safe_open(file, "pt", device="cpu") as handle:
-            saved.update({key: file for key in handle.keys()})
-    mapping = saved_key_mapping(list(targets), list(saved))
+            saved_keys += handle.keys()
+    mapping = saved_key_mapping(list(targets), saved_keys)
     if mapping is not None:  # model keys not saved must be tied to saved ones (lm_head and embeddings)
-        loaded = {targets[key].data_ptr() for key in mapping.values()}
-        if any(targets[key].data_ptr() not in loaded for key in set(targets) - set(mapping.values())):
+        filled = set(mapping.values())
+        storages = {targets[key].data_ptr() for key in filled}
+        if any(targets[key].data_ptr() not in storages for key in set(targets) - filled):
             mapping = None
     if mapping is None:
         # A renaming we cannot undo by name: let from_pretrained apply its own mapping, then copy
         # (this path holds a second copy of the model for the duration of the load).
-        loaded = type(model).from_pretrained(directory, dtype=next(model.parameters()).dtype)
-        model.load_state_dict(loaded.state_dict())
+        copy = type(model).from_pretrained(directory, dtype=next(model.parameters()).dtype)
+        model.load_state_dict(copy.state_dict())
         return
     with torch.no_grad():
         for file in files:
