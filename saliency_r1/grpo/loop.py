@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
@@ -143,21 +144,84 @@ def select(inputs, rows: list[int], pixel_rows: list[slice]) -> dict:
     return picked
 
 
+# Rows of ``[B * C]`` completion positions whose fp32 logits exist at once: 512 x Qwen's 151,936
+# vocabulary is 311 MB, where one micro-batch of 8 x 512 tokens would hold 2.5 GB for backward.
+LOGIT_CHUNK_ROWS = 512
+
+
+class _FinalHidden(torch.nn.Module):
+    """Stands in for the output head during a forward, so ``.logits`` carries the final-norm hidden
+    states and the vocabulary projection can be done chunk by chunk."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
+
+
+@contextlib.contextmanager
+def _hidden_instead_of_logits(model):
+    owner = getattr(model, "module", model)  # DDP
+    owner = owner.get_base_model() if hasattr(owner, "get_base_model") else owner  # peft
+    head = owner.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        raise TypeError(f"expected a linear output head, got {type(head).__name__}")
+    owner.set_output_embeddings(_FinalHidden())
+    try:
+        yield head
+    finally:
+        owner.set_output_embeddings(head)
+
+
+def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor,
+                 temperature: float) -> torch.Tensor:
+    logits = torch.nn.functional.linear(hidden, weight, bias).float() / temperature
+    return logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+def token_logps(hidden: torch.Tensor, head: torch.nn.Linear, ids: torch.Tensor, temperature: float,
+                chunk_rows: int = LOGIT_CHUNK_ROWS) -> torch.Tensor:
+    """``log softmax(head(hidden) / temperature)[ids]`` for ``hidden [..., D]`` and ``ids [...]``.
+
+    The fp32 logits of ``chunk_rows`` rows exist at a time: under autograd each chunk is
+    checkpointed (its logits are recomputed in backward instead of kept), so the memory held for
+    backward is the hidden states, not ``rows x vocabulary``.
+    """
+    flat_hidden, flat_ids = hidden.reshape(-1, hidden.shape[-1]), ids.reshape(-1)
+    checkpointed = torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)
+    chunks = []
+    for start in range(0, flat_ids.numel(), chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        args = (flat_hidden[rows], head.weight, head.bias, flat_ids[rows], temperature)
+        chunks.append(torch.utils.checkpoint.checkpoint(_chunk_logps, *args, use_reentrant=False)
+                      if checkpointed else _chunk_logps(*args))
+    return torch.cat(chunks).view(ids.shape) if chunks else flat_hidden.new_zeros(ids.shape, dtype=torch.float32)
+
+
 def completion_logps(model, prompt: dict, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
                      temperature: float) -> torch.Tensor:
     """Log-probs ``[b, C]`` of the completion tokens under ``model`` (teacher-forced, one forward).
 
     Logits are divided by the sampling temperature, so the ratio compares the distributions that
-    were sampled from (as TRL does).
+    were sampled from (as TRL does). The vocabulary projection runs after the forward, in
+    checkpointed chunks (:func:`token_logps`), except under FSDP or DeepSpeed, whose sharded head
+    exists only inside the forward.
     """
     extend = {"input_ids": completion_ids, "attention_mask": completion_mask.to(prompt["attention_mask"].dtype)}
     if "mm_token_type_ids" in prompt:  # completion tokens are text
         extend["mm_token_type_ids"] = torch.zeros_like(completion_ids, dtype=prompt["mm_token_type_ids"].dtype)
     batch = {k: torch.cat([prompt[k], extend[k]], dim=1) if k in extend else v for k, v in prompt.items()}
     length = completion_ids.shape[1]
-    logits = model(**batch, logits_to_keep=length + 1, use_cache=False).logits[:, :-1].float()
-    logits = logits / temperature
-    return logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    if _sharded(model):  # the head's weight exists only inside the forward: full logits there
+        logits = model(**batch, logits_to_keep=length + 1, use_cache=False).logits[:, :-1].float() / temperature
+        return logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    with _hidden_instead_of_logits(model) as head:
+        hidden = model(**batch, logits_to_keep=length + 1, use_cache=False).logits[:, :-1]
+    return token_logps(hidden, head, completion_ids, temperature)
+
+
+def _sharded(model) -> bool:
+    """Whether FSDP or DeepSpeed wraps ``model`` (parameters gathered only during its forward)."""
+    wrappers = {"FullyShardedDataParallel", "FSDPModule", "DeepSpeedEngine"}
+    return any(cls.__name__ in wrappers for cls in type(model).__mro__)
 
 
 def pad_completions(completions: list[torch.Tensor], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,16 +279,14 @@ def score(rollout, examples: list[dict], extra: list) -> dict[str, torch.Tensor]
     return scores
 
 
-def pointing_rate(rollout, examples: list[dict]) -> float:
-    """Pointing-game hit rate over the rollouts (host-side; called at log steps only)."""
+def pointing_rate(rollout, examples: list[dict], form: torch.Tensor) -> float:
+    """Pointing-game hit rate over the rollouts (host-side; called at log steps only), gated like
+    the reward (SPEC section 4): well-formed spans (``rollout.valid``) and format (``form``)."""
     from saliency_r1.data import parse_normalised_boxes
     from saliency_r1.metrics import pixel_boxes, pointing_game_hit
-    from saliency_r1.rewards import format_reward
 
     hits = 0
-    # Gated like the reward (SPEC section 4): well-formed spans and format.
-    valid_rollouts = [v * f for v, f in zip(rollout.valid.tolist(), format_reward(rollout.texts))]
-    for maps, valid, example in zip(rollout.maps, valid_rollouts, examples):
+    for maps, valid, example in zip(rollout.maps, (rollout.valid * form).tolist(), examples):
         width, height = example["image"].size
         if valid and maps:
             boxes = pixel_boxes(parse_normalised_boxes(example["bbox"]), height, width)
@@ -474,7 +536,7 @@ def train(cfg: TrainConfig) -> RunResult:
                                "learning_rate": torch.tensor(learning_rate)}))
         if timed:
             record = _flush(pending, accelerator)
-            local_rate = torch.tensor(pointing_rate(rollout, examples), device=device)
+            local_rate = torch.tensor(pointing_rate(rollout, examples, scores["format"]), device=device)
             record["pointing_game"] = float(accelerator.reduce(local_rate, reduction="mean"))  # every process's
             # generate() ends in a host sync (stopping criteria); the rest of the synced rollout lap is saliency.
             generation = rollout.timings["generate"]
