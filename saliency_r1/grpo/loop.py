@@ -171,10 +171,14 @@ def _hidden_instead_of_logits(model):
         owner.set_output_embeddings(head)
 
 
+def _logps_of(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    logits = logits.float() / temperature
+    return logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
 def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor,
                  temperature: float) -> torch.Tensor:
-    logits = torch.nn.functional.linear(hidden, weight, bias).float() / temperature
-    return logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    return _logps_of(torch.nn.functional.linear(hidden, weight, bias), ids, temperature)
 
 
 def token_logps(hidden: torch.Tensor, head: torch.nn.Linear, ids: torch.Tensor, temperature: float,
@@ -211,8 +215,8 @@ def completion_logps(model, prompt: dict, completion_ids: torch.Tensor, completi
     batch = {k: torch.cat([prompt[k], extend[k]], dim=1) if k in extend else v for k, v in prompt.items()}
     length = completion_ids.shape[1]
     if _sharded(model):  # the head's weight exists only inside the forward: full logits there
-        logits = model(**batch, logits_to_keep=length + 1, use_cache=False).logits[:, :-1].float() / temperature
-        return logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+        return _logps_of(model(**batch, logits_to_keep=length + 1, use_cache=False).logits[:, :-1], completion_ids,
+                         temperature)
     with _hidden_instead_of_logits(model) as head:
         hidden = model(**batch, logits_to_keep=length + 1, use_cache=False).logits[:, :-1]
     return token_logps(hidden, head, completion_ids, temperature)
