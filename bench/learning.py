@@ -9,6 +9,7 @@ the reasoning (teacher-forced) names the target object against when it names ano
 
     python bench/learning.py                       # 3 seeds, the demo configuration (CPU)
     python bench/learning.py --seeds 0 --steps 40  # one quick pair
+    python bench/learning.py --lever-only          # only the cold start and its levers
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="GRPO seeds (one pair each).")
     parser.add_argument("--out", default="runs/learning", help="Where the runs, table and figure go.")
     parser.add_argument("--figure", default="bench/figures/learning_saliency_reward.png", help="The plot.")
+    parser.add_argument("--lever-only", action="store_true", help="Stop after measuring the lever (no GRPO).")
     args = parser.parse_args(argv)
     base = config_from_args(args)
     if base.saliency_weight == 0:
@@ -44,6 +46,11 @@ def main(argv: list[str] | None = None) -> None:
     lever = naming_lever(dataclasses.replace(base, model=str(cold)))
     print("lever (held-out saliency-in-box, reasoning names the target / another object): "
           + ", ".join(f"{path} {target:.3f} / {other:.3f}" for path, (target, other) in lever.items()), flush=True)
+    for mode, rows in sampled_lever(dataclasses.replace(base, model=str(cold))).items():
+        print(f"{mode} completions, by the object the reasoning names (count, mean saliency-in-box): "
+              + ", ".join(f"{named} {n} {mean:.3f}" for named, (n, mean) in rows.items()), flush=True)
+    if args.lever_only:
+        return
 
     runs: dict[tuple[str, int], dict[int, dict]] = {}
     for seed in args.seeds:
@@ -89,6 +96,41 @@ def naming_lever(cfg, count: int = 48) -> dict[str, tuple[float, float]]:
             means.append(rewards.mean().item())
         lever[path] = tuple(means)
     return lever
+
+
+def sampled_lever(cfg, count: int = 64, generations: int = 8) -> dict[str, dict[str, tuple[int, float]]]:
+    """What the policy itself writes: held-out saliency reward of greedy and of sampled
+    (temperature ``cfg.temperature``) completions, grouped by the object their reasoning names
+    first (the target, another object of the image, or a colour not in it)."""
+    import torch
+
+    from saliency_r1.explain import generate_with_saliency
+    from saliency_r1.grpo.loop import load_data, load_policy, prompt_inputs, score, system_prompt
+
+    model, processor = load_policy(cfg)
+    _, held_out = load_data(cfg)
+    examples = [held_out[i] for i in range(min(count, len(held_out)))]
+    torch.manual_seed(cfg.seed)
+    result = {}
+    for mode, repeat, sampling in (("greedy", 1, {"do_sample": False}),
+                                   ("sampled", generations, {"do_sample": True, "temperature": cfg.temperature,
+                                                             "top_k": 0})):
+        groups: dict[str, list[float]] = {"target": [], "other": [], "absent": []}
+        for start in range(0, len(examples), 8):
+            batch = examples[start:start + 8]
+            inputs = prompt_inputs(processor, batch, system_prompt(cfg), repeat=repeat)
+            rollout = generate_with_saliency(model, processor, inputs, path=cfg.saliency_path,
+                                             max_new_tokens=cfg.max_completion_length, **sampling)
+            repeated = [e for e in batch for _ in range(repeat)]
+            rewards = score(rollout, repeated, [])["saliency"].tolist()
+            for text, example, reward in zip(rollout.texts, repeated, rewards):
+                words = text.split("<think>")[-1].split("</think>")[0].split()
+                colours = [obj[0] for obj in example["objects"]]
+                named = ("target" if words[:1] == [example["target"][0]]
+                         else "other" if words[:1] and words[0] in colours else "absent")
+                groups[named].append(reward)
+        result[mode] = {k: (len(v), sum(v) / len(v) if v else float("nan")) for k, v in groups.items()}
+    return result
 
 
 def print_table(runs, seeds, cfg) -> None:
