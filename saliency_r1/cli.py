@@ -15,8 +15,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 
 def _train(args: argparse.Namespace) -> int:
     from saliency_r1.grpo.config import config_from_args
@@ -43,7 +41,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     from saliency_r1.grpo.loop import load_data, load_trained, system_prompt
 
     model, processor, cfg = load_trained(args.checkpoint)
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
     if args.data:
         from saliency_r1.data import load_saliency_data
 
@@ -54,7 +51,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             raise SystemExit("this run had no held-out data: pass --data")
     metrics = evaluate(model, processor, dataset, system_prompt=system_prompt(cfg), limit=args.limit,
                        max_new_tokens=cfg.max_completion_length, path=cfg.saliency_path,
-                       bf16=cfg.bf16 == "true" or (cfg.bf16 == "auto" and torch.cuda.is_available()))
+                       bf16=cfg.uses_bf16(next(model.parameters()).device.type))
     print(json.dumps(metrics, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(metrics, indent=2))
@@ -68,7 +65,6 @@ def _explain(args: argparse.Namespace) -> int:
     from saliency_r1.grpo.loop import load_trained, system_prompt
 
     model, processor, cfg = load_trained(args.checkpoint)
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
     image = Image.open(args.image).convert("RGB")
     result = explain(model, processor, image, args.question, boxes=args.box, system_prompt=system_prompt(cfg),
                      path=cfg.saliency_path, max_new_tokens=cfg.max_completion_length)

@@ -129,6 +129,10 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def uses_bf16(self, device_type: str) -> bool:
+        """Whether the run's forwards go under bf16 autocast on ``device_type`` ("auto": on CUDA)."""
+        return self.bf16 == "true" or (self.bf16 == "auto" and device_type == "cuda")
+
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 

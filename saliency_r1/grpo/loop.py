@@ -361,12 +361,8 @@ class RunResult:
     evaluations: dict[int, dict] = field(default_factory=dict)
 
 
-def _bf16(cfg: TrainConfig, device: torch.device) -> bool:
-    return cfg.bf16 == "true" or (cfg.bf16 == "auto" and device.type == "cuda")
-
-
 def _autocast(cfg: TrainConfig, device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if _bf16(cfg, device) else contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16) if cfg.uses_bf16(device.type) else contextlib.nullcontext()
 
 
 def train(cfg: TrainConfig) -> RunResult:
@@ -444,7 +440,7 @@ def train(cfg: TrainConfig) -> RunResult:
         names = ("saliency_in_box", "pointing_game", "accuracy", "format", "valid")
         local = evaluate(policy, processor, shard, system_prompt=system, max_new_tokens=cfg.max_completion_length,
                          path=cfg.saliency_path, progress=cfg.progress and accelerator.is_main_process,
-                         bf16=_bf16(cfg, device)) if len(shard) else dict.fromkeys(names, 0.0) | {"samples": 0}
+                         bf16=cfg.uses_bf16(device.type)) if len(shard) else dict.fromkeys(names, 0.0) | {"samples": 0}
         sums = accelerator.reduce(torch.tensor([local[k] * local["samples"] for k in names] + [local["samples"]],
                                                dtype=torch.float64, device=device), reduction="sum").tolist()
         metrics = {**{k: v / sums[-1] for k, v in zip(names, sums)}, "samples": int(sums[-1])}
@@ -612,7 +608,8 @@ class _Clock:
 
 
 def load_trained(checkpoint: str | Path):
-    """``(model, processor, cfg)`` of a checkpoint written by :func:`train`, ready for evaluation.
+    """``(model, processor, cfg)`` of a checkpoint written by :func:`train`, ready for evaluation
+    (in eval mode, on the GPU when there is one).
 
     A full fine-tune loads from ``checkpoint/model``; a LoRA run rebuilds its base as the run did
     (checkpoint path or tiny model, plus the deterministic cold start) and loads the adapter.
@@ -631,4 +628,4 @@ def load_trained(checkpoint: str | Path):
         model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                                  lora_dropout=cfg.lora_dropout, target_modules=cfg.lora_targets))
     load_weights(model, checkpoint / "model")
-    return model.eval(), processor, cfg
+    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval(), processor, cfg
