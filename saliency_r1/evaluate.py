@@ -47,6 +47,7 @@ def evaluate(model, processor, dataset, *, system_prompt: str, limit: int | None
         raise ValueError("evaluate needs at least one record")
     device = next(model.parameters()).device
     adapter = get_adapter(model)
+    suppress = vision_token_ids(adapter.model)
     totals = {"saliency_in_box": 0.0, "pointing_game": 0.0, "accuracy": 0.0, "format": 0.0, "valid": 0.0}
     was_training = model.training
     model.eval()
@@ -57,8 +58,7 @@ def evaluate(model, processor, dataset, *, system_prompt: str, limit: int | None
         precision = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         with torch.no_grad(), precision:
             rollout = generate_with_saliency(model, processor, inputs, adapter=adapter, path=path, do_sample=False,
-                                             max_new_tokens=max_new_tokens,
-                                             suppress_tokens=vision_token_ids(adapter.model))
+                                             max_new_tokens=max_new_tokens, suppress_tokens=suppress)
         formats = format_reward(rollout.texts)
         totals["format"] += sum(formats)
         totals["accuracy"] += sum(accuracy_reward(rollout.texts, solution=[e["solution"] for e in examples]))

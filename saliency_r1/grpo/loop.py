@@ -159,8 +159,7 @@ class _FinalHidden(torch.nn.Module):
 
 @contextlib.contextmanager
 def _hidden_instead_of_logits(model):
-    owner = getattr(model, "module", model)  # DDP
-    owner = owner.get_base_model() if hasattr(owner, "get_base_model") else owner  # peft
+    owner = get_adapter(getattr(model, "module", model)).model  # inside DDP and peft wrappers
     head = owner.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear):
         raise TypeError(f"expected a linear output head, got {type(head).__name__}")
