@@ -24,7 +24,7 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> None:
     from saliency_r1.grpo.config import build_parser, config_from_args
-    from saliency_r1.grpo.loop import export_cold_start, train
+    from saliency_r1.grpo.loop import export_cold_start, load_data, load_policy, train
 
     parser = build_parser(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="GRPO seeds (one pair each).")
@@ -43,10 +43,13 @@ def main(argv: list[str] | None = None) -> None:
     if not (cold / "config.json").exists():
         export_cold_start(dataclasses.replace(base, model=None), cold)
     print(f"cold start: {time.time() - started:.0f} s ({base.cold_start_steps} steps)", flush=True)
-    lever = naming_lever(dataclasses.replace(base, model=str(cold)))
+    cold_cfg = dataclasses.replace(base, model=str(cold))
+    model, processor = load_policy(cold_cfg)
+    _, held_out = load_data(cold_cfg)
+    lever = naming_lever(cold_cfg, model, processor, held_out)
     print("lever (held-out saliency-in-box, reasoning names the target / another object): "
           + ", ".join(f"{path} {target:.3f} / {other:.3f}" for path, (target, other) in lever.items()), flush=True)
-    for mode, rows in sampled_lever(dataclasses.replace(base, model=str(cold))).items():
+    for mode, rows in sampled_lever(cold_cfg, model, processor, held_out).items():
         print(f"{mode} completions, by the object the reasoning names (count, mean saliency-in-box): "
               + ", ".join(f"{named} {n} {mean:.3f}" for named, (n, mean) in rows.items()), flush=True)
     if args.lever_only:
@@ -69,18 +72,16 @@ def main(argv: list[str] | None = None) -> None:
     print(f"total {time.time() - started:.0f} s; figure {args.figure}")
 
 
-def naming_lever(cfg, count: int = 48) -> dict[str, tuple[float, float]]:
+def naming_lever(cfg, model, processor, held_out, count: int = 48) -> dict[str, tuple[float, float]]:
     """Mean held-out saliency reward of worked completions whose reasoning names the target,
     and of ones naming the next object instead, per saliency path."""
     import torch
 
     from saliency_r1.data.synthetic import worked_completion
     from saliency_r1.explain import saliency_for_completions
-    from saliency_r1.grpo.loop import load_data, load_policy, prompt_inputs, system_prompt
+    from saliency_r1.grpo.loop import prompt_inputs, system_prompt
     from saliency_r1.rewards import saliency_rewards
 
-    model, processor = load_policy(cfg)
-    _, held_out = load_data(cfg)
     examples = [held_out[i] for i in range(min(count, len(held_out)))]
     inputs = prompt_inputs(processor, examples, system_prompt(cfg))
     eos = processor.tokenizer.eos_token_id
@@ -98,17 +99,16 @@ def naming_lever(cfg, count: int = 48) -> dict[str, tuple[float, float]]:
     return lever
 
 
-def sampled_lever(cfg, count: int = 64, generations: int = 8) -> dict[str, dict[str, tuple[int, float]]]:
+def sampled_lever(cfg, model, processor, held_out, count: int = 64,
+                  generations: int = 8) -> dict[str, dict[str, tuple[int, float]]]:
     """What the policy itself writes: held-out saliency reward of greedy and of sampled
     (temperature ``cfg.temperature``) completions, grouped by the object their reasoning names
     first (the target, another object of the image, or a colour not in it)."""
     import torch
 
     from saliency_r1.explain import generate_with_saliency
-    from saliency_r1.grpo.loop import load_data, load_policy, prompt_inputs, score, system_prompt
+    from saliency_r1.grpo.loop import prompt_inputs, score, system_prompt
 
-    model, processor = load_policy(cfg)
-    _, held_out = load_data(cfg)
     examples = [held_out[i] for i in range(min(count, len(held_out)))]
     torch.manual_seed(cfg.seed)
     result = {}
