@@ -1,6 +1,6 @@
 """Does the saliency reward teach the policy to look at the evidence? (issue 5's evidence run)
 
-One cold start of the tiny model, then GRPO from it twice per seed with the same seed, steps and
+One cold start of the tiny model (or a given checkpoint), then GRPO from it twice per seed with the same seed, steps and
 data: the demo's rewards with the saliency reward on (``saliency_weight`` as configured) and off
 (``saliency_weight = 0``). Held-out saliency-in-box and pointing game are measured before and at
 every ``--eval-every`` steps; the script prints the table for ``bench/RESULTS.md`` and draws the
@@ -10,6 +10,8 @@ the reasoning (teacher-forced) names the target object against when it names ano
     python bench/learning.py                       # 3 seeds, the demo configuration (CPU)
     python bench/learning.py --seeds 0 --steps 40  # one quick pair
     python bench/learning.py --lever-only          # only the cold start and its levers
+    python bench/learning.py --model CKPT --data train.parquet --eval-data held.parquet --seeds 0
+                                                   # a real checkpoint on a GPU: no cold start
 """
 
 from __future__ import annotations
@@ -35,30 +37,40 @@ def main(argv: list[str] | None = None) -> None:
     base = config_from_args(args)
     if base.saliency_weight == 0:
         raise SystemExit("--saliency-weight must be non-zero: it is the 'on' run's weight")
+    if base.data is not None and base.eval_data is None:
+        raise SystemExit("--data needs --eval-data: the comparison is on held-out data")
+    if base.data is not None and args.lever_only:
+        raise SystemExit("--lever-only needs the synthetic set (leave --data unset)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     started = time.time()
-    cold = out / "cold-start"
-    if not (cold / "config.json").exists():
-        export_cold_start(dataclasses.replace(base, model=None), cold)
-    print(f"cold start: {time.time() - started:.0f} s ({base.cold_start_steps} steps)", flush=True)
+    if base.model is None:  # the tiny model: one cold start shared by every run
+        cold = out / "cold-start"
+        if not (cold / "config.json").exists():
+            export_cold_start(base, cold)
+        print(f"cold start: {time.time() - started:.0f} s ({base.cold_start_steps} steps)", flush=True)
+    else:  # a user's checkpoint brings its own cold start
+        cold = Path(base.model)
     cold_cfg = dataclasses.replace(base, model=str(cold))
-    model, processor = load_policy(cold_cfg)
-    _, held_out = load_data(cold_cfg)
-    lever = naming_lever(cold_cfg, model, processor, held_out)
-    print("lever (held-out saliency-in-box, reasoning names the target / another object): "
-          + ", ".join(f"{path} {target:.3f} / {other:.3f}" for path, (target, other) in lever.items()), flush=True)
-    for mode, rows in sampled_lever(cold_cfg, model, processor, held_out).items():
-        print(f"{mode} completions, by the object the reasoning names (count, mean saliency-in-box): "
-              + ", ".join(f"{named} {n} {mean:.3f}" for named, (n, mean) in rows.items()), flush=True)
+    if base.data is None:  # the levers write worked reasoning, which only the synthetic set has
+        model, processor = load_policy(cold_cfg)
+        _, held_out = load_data(cold_cfg)
+        lever = naming_lever(cold_cfg, model, processor, held_out)
+        print("lever (held-out saliency-in-box, reasoning names the target / another object): "
+              + ", ".join(f"{path} {target:.3f} / {other:.3f}" for path, (target, other) in lever.items()),
+              flush=True)
+        for mode, rows in sampled_lever(cold_cfg, model, processor, held_out).items():
+            print(f"{mode} completions, by the object the reasoning names (count, mean saliency-in-box): "
+                  + ", ".join(f"{named} {n} {mean:.3f}" for named, (n, mean) in rows.items()), flush=True)
+        del model
     if args.lever_only:
         return
 
     runs: dict[tuple[str, int], dict[int, dict]] = {}
     for seed in args.seeds:
         for name, weight in (("on", base.saliency_weight), ("off", 0.0)):
-            cfg = dataclasses.replace(base, model=str(cold), cold_start_steps=0, seed=seed, saliency_weight=weight,
+            cfg = dataclasses.replace(cold_cfg, cold_start_steps=0, seed=seed, saliency_weight=weight,
                                       output_dir=str(out / f"saliency-{name}-seed{seed}"), save_every=0,
                                       progress=False)
             began = time.time()
@@ -134,8 +146,9 @@ def sampled_lever(cfg, model, processor, held_out, count: int = 64,
 
 
 def print_table(runs, seeds, cfg) -> None:
-    print(f"\n{cfg.num_objects} objects, {cfg.steps} GRPO steps of {cfg.prompts_per_step} x {cfg.num_generations}, "
-          f"{cfg.eval_limit} held-out, saliency weight {cfg.saliency_weight}")
+    data = f"{cfg.num_objects}-object synthetic set" if cfg.data is None else cfg.data
+    print(f"\n{cfg.model or 'tiny model'} on {data}, {cfg.steps} GRPO steps of {cfg.prompts_per_step} x "
+          f"{cfg.num_generations}, {cfg.eval_limit} held-out, saliency weight {cfg.saliency_weight}")
     print("| seed | start SIB / PG / acc | reward on: SIB / PG / acc | reward off: SIB / PG / acc |")
     print("|---|---|---|---|")
     cell = lambda m: f"{m['saliency_in_box']:.3f} / {m['pointing_game']:.3f} / {m['accuracy']:.3f}"  # noqa: E731
