@@ -176,3 +176,29 @@ def test_full_model_weights_stream_into_place(cold_model, monkeypatch):
     expected = trained.state_dict()
     for name, tensor in fresh.state_dict().items():
         assert torch.equal(tensor, expected[name]), name
+
+
+@pytest.mark.slow
+def test_lora_with_bf16_keeps_the_frozen_base_in_bf16(tmp_path, cold_model, monkeypatch):
+    import saliency_r1.grpo.loop as loop
+
+    seen = {}
+    wrap = loop.with_lora
+
+    def record(model, cfg):
+        wrapped = wrap(model, cfg)
+        seen.update({name: p.dtype for name, p in wrapped.named_parameters()})
+        seen["trainable"] = {name for name, p in wrapped.named_parameters() if p.requires_grad}
+        return wrapped
+
+    monkeypatch.setattr(loop, "with_lora", record)
+    cfg = TrainConfig(**SMALL, model=cold_model, steps=1, lora=True, bf16="true", output_dir=str(tmp_path),
+                      learning_rate=1e-2)
+    result = train(cfg)
+    trainable = seen.pop("trainable")
+    assert trainable and all("lora_" in name for name in trainable)
+    assert all(seen[name] == torch.float32 for name in trainable)  # adapters and their AdamW states in fp32
+    assert all(dtype == torch.bfloat16 for name, dtype in seen.items() if name not in trainable)
+    adapter = load_file(result.checkpoint / "model" / "adapter_model.safetensors")
+    assert all(torch.isfinite(t).all() for t in adapter.values())
+    assert any(t.abs().sum() > 0 for n, t in adapter.items() if "lora_B" in n)  # the step moved B off zero

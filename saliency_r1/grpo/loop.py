@@ -58,6 +58,14 @@ def load_policy(cfg: TrainConfig, dtype: torch.dtype = torch.float32):
     return model, processor
 
 
+def with_lora(model, cfg: TrainConfig):
+    """``model`` with trainable LoRA adapters on ``cfg.lora_targets`` (peft); the base is frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                            target_modules=cfg.lora_targets))
+
+
 def load_processor(path: str, min_pixels: int, max_pixels: int):
     """``AutoProcessor`` of a checkpoint. A tiny-model checkpoint (saved without a video processor)
     comes back from ``AutoProcessor`` as a bare tokenizer: its processor is rebuilt in code, and
@@ -379,7 +387,10 @@ def train(cfg: TrainConfig) -> RunResult:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)  # the same on every process: identical initial weights
-    model, processor = load_policy(cfg)
+    # A frozen LoRA base gains nothing from fp32 weights, and under autocast every forward would cast
+    # all of it again (autocast caches only the casts of weights that require grad): keep it in bf16.
+    bf16_base = cfg.lora and cfg.uses_bf16(device.type)
+    model, processor = load_policy(cfg, torch.bfloat16 if bf16_base and cfg.model else torch.float32)
     model.to(device)
     train_data, held_out = load_data(cfg)
     system = system_prompt(cfg)
@@ -390,11 +401,8 @@ def train(cfg: TrainConfig) -> RunResult:
     # then replace it).
     if cfg.cold_start_steps and cfg.model is None:
         cold_start(model, processor, train_data, cfg, device)
-    if cfg.lora:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                                 lora_dropout=cfg.lora_dropout, target_modules=cfg.lora_targets))
+    if cfg.lora:  # after the tiny model's cold start, which trains all of its weights in fp32
+        model = with_lora(model.to(torch.bfloat16) if bf16_base else model, cfg)
     reference = None
     if cfg.beta != 0.0 and not cfg.lora:  # with LoRA the reference is the base model, adapters off
         reference = copy.deepcopy(model).eval().requires_grad_(False)
@@ -619,12 +627,9 @@ def load_trained(checkpoint: str | Path):
     cfg = TrainConfig.load(checkpoint / "config.yaml")
     model, processor = load_policy(cfg)
     if cfg.lora:
-        from peft import LoraConfig, get_peft_model
-
         if cfg.cold_start_steps and cfg.model is None:
             train_data, _ = load_data(cfg)
             cold_start(model, processor, train_data, cfg, torch.device("cpu"))
-        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                                 lora_dropout=cfg.lora_dropout, target_modules=cfg.lora_targets))
+        model = with_lora(model, cfg)
     load_weights(model, checkpoint / "model")
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval(), processor, cfg
