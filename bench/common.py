@@ -13,6 +13,15 @@ import torch
 
 RESULT_LINES: list[str] = []
 
+# Language models of the generation benchmarks: a small one for 1-thread CPU runs, and
+# Qwen2.5-VL-3B's (random weights) for CUDA.
+SMALL_TEXT_MODEL = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
+                        num_key_value_heads=2)
+QWEN2_5_VL_3B_TEXT_MODEL = dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                                num_attention_heads=16, num_key_value_heads=2, vocab_size=151936, rms_norm_eps=1e-6)
+# The words of the benchmarks' scripted reasoning.
+THINK_WORDS = [" the", " circle", " is", " on", " the", " left", " and", " it", " is", " red", ",", " so"]
+
 
 def _rss_bytes(field: str) -> int:
     with open("/proc/self/status") as status:
@@ -43,6 +52,26 @@ def measure_peak_memory(fn: Callable[[], Any], *, cuda: bool) -> tuple[Any, int]
     before = _rss_bytes("VmRSS")
     result = fn()
     return result, max(_rss_bytes("VmHWM") - before, 0)
+
+
+def peak_tensor_bytes(fn: Callable[[], Any]) -> tuple[Any, int]:
+    """Run ``fn`` once; return its result and the peak of tensor memory allocated during the call and not
+    yet freed (the CPU allocator's events seen by the profiler, in time order).
+
+    On CPU the resident-set peak (``common.measure_peak_memory``) cannot see these runs: freed tensors
+    go back to the allocator, the next run reuses them, and the RSS does not move. The profiler's
+    allocation events give what ``torch.cuda.max_memory_allocated`` gives on a GPU.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+    live = peak = 0
+    for event in events:
+        live += event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return result, peak
 
 
 def time_median(fn: Callable[[], Any], *, rounds: int, warmup: int = 1, cuda: bool) -> float:

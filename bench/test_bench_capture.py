@@ -26,23 +26,18 @@ import torch
 from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from common import measure_peak_memory, report, time_median
-from torch.profiler import ProfilerActivity, profile
+from common import (QWEN2_5_VL_3B_TEXT_MODEL, SMALL_TEXT_MODEL, THINK_WORDS, measure_peak_memory,
+                    peak_tensor_bytes, report, time_median)
 from saliency_r1.capture import text_attention
 from saliency_r1.explain import generate_with_saliency
 from saliency_r1.tiny import build_tiny_model, build_tiny_processor
 
 CONFIGS = {
-    "cpu": dict(model=dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
-                           num_key_value_heads=2),
+    "cpu": dict(model=SMALL_TEXT_MODEL,
                 dtype=torch.float32, image=448, rollouts=4, new_tokens=64, rounds=5),
-    "cuda": dict(model=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
-                            num_key_value_heads=2, vocab_size=151936, rms_norm_eps=1e-6),
+    "cuda": dict(model=QWEN2_5_VL_3B_TEXT_MODEL,
                  dtype=torch.bfloat16, image=896, rollouts=8, new_tokens=512, rounds=3),
 }
-
-THINK_WORDS = [" the", " circle", " is", " on", " the", " left", " and", " it", " is", " red", ",", " so"]
-
 
 class Script(LogitsProcessor):
     """Every row emits ``script`` (one token per step): generation along a fixed completion."""
@@ -66,24 +61,6 @@ def _script(tokenizer, length: int) -> list[int]:
     think = [one(word)[0] for word in THINK_WORDS]
     body = (think * length)[:length - 1 - len(tail)]
     return one("<think>") + body + tail
-
-
-def _peak_tensor_bytes(fn):
-    """Run ``fn`` once; return its result and the peak of tensor memory allocated during the call and not
-    yet freed (the CPU allocator's events seen by the profiler, in time order).
-
-    On CPU the resident-set peak (``common.measure_peak_memory``) cannot see these runs: freed tensors
-    go back to the allocator, the next run reuses them, and the RSS does not move. The profiler's
-    allocation events give what ``torch.cuda.max_memory_allocated`` gives on a GPU.
-    """
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = fn()
-    events = sorted(prof.events(), key=lambda e: e.time_range.start)
-    live = peak = 0
-    for event in events:
-        live += event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
-        peak = max(peak, live)
-    return result, peak
 
 
 def _setup(device: str):
@@ -150,7 +127,7 @@ def test_bench_generation_with_capture(benchmark, device):
 
         def peak(fn):
             gc.collect()
-            return measure_peak_memory(fn, cuda=True) if cuda else _peak_tensor_bytes(fn)
+            return measure_peak_memory(fn, cuda=True) if cuda else peak_tensor_bytes(fn)
 
         _, plain_peak = peak(plain)
         last, ours_peak = peak(ours)
