@@ -45,6 +45,31 @@ def test_pad_completions():
     assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
 
 
+def test_sharded_wrappers_are_recognised():
+    from saliency_r1.grpo.loop import _shards_parameters
+
+    class FullyShardedDataParallel(torch.nn.Module):  # stands in for FSDP1's wrapper class
+        pass
+
+    class FSDPModule:  # FSDP2 mixes this class into the module's own
+        pass
+
+    class FSDPQwen(FSDPModule, torch.nn.Module):
+        pass
+
+    class DeepSpeedEngine(torch.nn.Module):
+        def __init__(self, stage):
+            super().__init__()
+            self.stage = stage
+
+        def zero_optimization_stage(self):
+            return self.stage
+
+    assert _shards_parameters(FullyShardedDataParallel()) and _shards_parameters(FSDPQwen())
+    assert _shards_parameters(DeepSpeedEngine(3))
+    assert not _shards_parameters(DeepSpeedEngine(2)) and not _shards_parameters(torch.nn.Linear(2, 2))
+
+
 @pytest.mark.slow
 def test_steps_logs_plot_and_exact_resume(tmp_path, cold_model):
     full = TrainConfig(**SMALL, model=cold_model, steps=4, save_every=2, output_dir=str(tmp_path / "full"), inner_iterations=2,

@@ -7,10 +7,11 @@ steps of the clipped surrogate (ratio to the policy that generated); log; checkp
 
 Multi-process runs go through accelerate (DDP): launch the same command with ``accelerate launch``
 (GPUs) or ``torchrun`` (the CPU test); each process samples its own prompts, gradients are
-averaged by DDP, and every process holds the same parameters after each step. FSDP and DeepSpeed
-configurations of ``accelerate config`` apply unchanged (the model is prepared by accelerate;
-generation runs on the unwrapped module, so with FSDP use ``fsdp_use_orig_params``; ZeRO-3
-gathers parameters for generation under DeepSpeed's own context).
+averaged by DDP, and every process holds the same parameters after each step. DeepSpeed ZeRO-1 and
+ZeRO-2 keep whole parameters on every process too. FSDP and ZeRO-3 do not: the loop generates with
+the unwrapped model and the saliency reads ``W_O``, the final norm and ``W_U`` between forwards, so
+it refuses them (:func:`_shards_parameters`); ``saliency_r1.trl`` runs under ZeRO-3, whose weights
+TRL gathers for generation.
 """
 
 from __future__ import annotations
@@ -213,26 +214,25 @@ def completion_logps(model, prompt: dict, completion_ids: torch.Tensor, completi
 
     Logits are divided by the sampling temperature, so the ratio compares the distributions that
     were sampled from (as TRL does). The vocabulary projection runs after the forward, in
-    checkpointed chunks (:func:`token_logps`), except under FSDP or DeepSpeed, whose sharded head
-    exists only inside the forward.
+    checkpointed chunks (:func:`token_logps`).
     """
     extend = {"input_ids": completion_ids, "attention_mask": completion_mask.to(prompt["attention_mask"].dtype)}
     if "mm_token_type_ids" in prompt:  # completion tokens are text
         extend["mm_token_type_ids"] = torch.zeros_like(completion_ids, dtype=prompt["mm_token_type_ids"].dtype)
     batch = {k: torch.cat([prompt[k], extend[k]], dim=1) if k in extend else v for k, v in prompt.items()}
     length = completion_ids.shape[1]
-    if _sharded(model):  # the head's weight exists only inside the forward: full logits there
-        return _logps_of(model(**batch, logits_to_keep=length + 1, use_cache=False).logits[:, :-1], completion_ids,
-                         temperature)
     with _hidden_instead_of_logits(model) as head:
         hidden = model(**batch, logits_to_keep=length + 1, use_cache=False).logits[:, :-1]
     return token_logps(hidden, head, completion_ids, temperature)
 
 
-def _sharded(model) -> bool:
-    """Whether FSDP or DeepSpeed wraps ``model`` (parameters gathered only during its forward)."""
-    wrappers = {"FullyShardedDataParallel", "FSDPModule", "DeepSpeedEngine"}
-    return any(cls.__name__ in wrappers for cls in type(model).__mro__)
+def _shards_parameters(model) -> bool:
+    """Whether ``model``, as accelerate prepared it, holds only shards of its parameters between
+    forwards: FSDP (either version) or DeepSpeed ZeRO-3."""
+    names = {cls.__name__ for cls in type(model).__mro__}
+    if names & {"FullyShardedDataParallel", "FSDPModule"}:
+        return True
+    return "DeepSpeedEngine" in names and model.zero_optimization_stage() == 3
 
 
 def pad_completions(completions: list[torch.Tensor], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -413,6 +413,11 @@ def train(cfg: TrainConfig) -> RunResult:
     # The scheduler stays out of prepare(): accelerate would step it once per process for every
     # optimizer step, finishing an 8-GPU warm-up 8 times too early.
     model, optimizer = accelerator.prepare(model, optimizer)
+    if _shards_parameters(model):
+        raise ValueError("FSDP and DeepSpeed ZeRO-3 shard the weights, but rollouts generate with the unwrapped "
+                         "model and the saliency reads W_O, the final norm and W_U between forwards: use DDP or "
+                         "ZeRO-1/2 (with --lora true the bf16 base of a 7B model is 15 GB on each GPU), or "
+                         "saliency_r1.trl, whose generation gathers ZeRO-3 weights")
     set_seed(cfg.seed + rank)  # distinct sampling noise per process; DDP has just synchronised the weights
     policy = accelerator.unwrap_model(model)
     adapter = get_adapter(policy)
