@@ -37,8 +37,9 @@ def main(argv: list[str] | None = None) -> None:
     base = config_from_args(args)
     if base.saliency_weight == 0:
         raise SystemExit("--saliency-weight must be non-zero: it is the 'on' run's weight")
-    if base.data is not None and base.eval_data is None:
-        raise SystemExit("--data needs --eval-data: the comparison is on held-out data")
+    if base.data is not None and (base.model is None or base.eval_data is None):
+        raise SystemExit("--data needs --model (the tiny cold start writes reasoning for the synthetic set "
+                         "only) and --eval-data (the comparison is on held-out data)")
     if base.data is not None and args.lever_only:
         raise SystemExit("--lever-only needs the synthetic set (leave --data unset)")
     out = Path(args.out)

@@ -2,8 +2,9 @@
 
     saliency-r1 train                      # tiny VLM, synthetic set, CPU, a few minutes
     saliency-r1 train --model Qwen/Qwen2.5-VL-3B-Instruct --data train.parquet --eval-data val.parquet \\
-        --lora true --learning-rate 1e-5 --num-generations 8 --max-completion-length 512 --bf16 true
-    accelerate launch saliency-r1 train ...  # several GPUs (DDP; ZeRO-1/2; not FSDP or ZeRO-3)
+        --lora true --learning-rate 1e-5 --num-generations 8 --max-completion-length 512 --bf16 true \\
+        --micro-batch-size 2
+    accelerate launch -m saliency_r1.cli train ...  # several GPUs (DDP; not FSDP or DeepSpeed)
     saliency-r1 evaluate runs/saliency-r1/checkpoint-40 [--data val.parquet] [--limit 200]
     saliency-r1 explain runs/saliency-r1/checkpoint-40 --image cat.png --question "What is on the mat?"
 """

@@ -48,7 +48,7 @@ class RolloutSaliency:
         prompt_length: ``P``.
         completion_ids: per rollout, its completion up to and including the end-of-turn token, no padding.
         texts: decoded completions, special tokens kept (``<think>`` etc.).
-        valid: float32 ``[B]``, 1.0 where the think/answer structure is well formed.
+        valid: float32 ``[B]`` on the sequences' device, 1.0 where the think/answer structure is well formed.
         maps: per rollout, per image: the raw answer map ``S`` as ``[h', w']`` (zeros if invalid).
         spans: per rollout, its :class:`~saliency_r1.spans.Spans` (completion-token indices).
         image_grids: per rollout, each image's ``(h', w')``.
@@ -358,7 +358,7 @@ def saliency_from_capture(model: nn.Module, processor, captured: CapturedRows, c
             answer_to_think.append(answer_think[b, :a, :t].to(total.dtype))
     return RolloutSaliency(
         sequences=sequences, prompt_length=P, completion_ids=completions, texts=texts,
-        valid=torch.tensor(valid, dtype=torch.float32), maps=maps, spans=spans, image_grids=grids,
+        valid=torch.tensor(valid, dtype=torch.float32, device=sequences.device), maps=maps, spans=spans, image_grids=grids,
         answer_token_maps=answer_maps, think_token_maps=think_maps, think_token_logit_maps=think_logit_maps,
         answer_to_think=answer_to_think, path=path, timings={"saliency": time.perf_counter() - started},
         captured_bytes=captured.nbytes())

@@ -197,6 +197,7 @@ def test_maps_equal_brute_force(family, path):
     result = saliency_for_completions(model64, processor, inputs, [c[0] for c in completions], path=path,
                                       details=True)
     assert result.valid.tolist() == [1.0, 1.0, 1.0]
+    assert result.valid.device == result.sequences.device  # the loop adds it to rewards on the maps' device
     for row, (ids, think, answer) in enumerate(completions):
         assert result.spans[row].think == think and result.spans[row].answer == answer
         expected = _brute_force(model64, processor, inputs, row, ids, think, answer)

@@ -45,29 +45,16 @@ def test_pad_completions():
     assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
 
 
-def test_sharded_wrappers_are_recognised():
-    from saliency_r1.grpo.loop import _shards_parameters
+def test_fsdp_and_deepspeed_are_refused_before_loading():
+    from accelerate.utils import DistributedType
 
-    class FullyShardedDataParallel(torch.nn.Module):  # stands in for FSDP1's wrapper class
-        pass
+    from saliency_r1.grpo.loop import check_distribution
 
-    class FSDPModule:  # FSDP2 mixes this class into the module's own
-        pass
-
-    class FSDPQwen(FSDPModule, torch.nn.Module):
-        pass
-
-    class DeepSpeedEngine(torch.nn.Module):
-        def __init__(self, stage):
-            super().__init__()
-            self.stage = stage
-
-        def zero_optimization_stage(self):
-            return self.stage
-
-    assert _shards_parameters(FullyShardedDataParallel()) and _shards_parameters(FSDPQwen())
-    assert _shards_parameters(DeepSpeedEngine(3))
-    assert not _shards_parameters(DeepSpeedEngine(2)) and not _shards_parameters(torch.nn.Linear(2, 2))
+    for refused in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        with pytest.raises(ValueError, match="one device or under DDP"):
+            check_distribution(refused)
+    for supported in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        check_distribution(supported)
 
 
 @pytest.mark.slow
@@ -227,3 +214,8 @@ def test_lora_with_bf16_keeps_the_frozen_base_in_bf16(tmp_path, cold_model, monk
     adapter = load_file(result.checkpoint / "model" / "adapter_model.safetensors")
     assert all(torch.isfinite(t).all() for t in adapter.values())
     assert any(t.abs().sum() > 0 for n, t in adapter.items() if "lora_B" in n)  # the step moved B off zero
+    from saliency_r1.grpo.loop import load_trained
+
+    monkeypatch.undo()
+    loaded, _, _ = load_trained(result.checkpoint)  # evaluation rebuilds the base the adapter trained on
+    assert {name: p.dtype for name, p in loaded.named_parameters()} == seen

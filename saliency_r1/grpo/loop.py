@@ -7,11 +7,9 @@ steps of the clipped surrogate (ratio to the policy that generated); log; checkp
 
 Multi-process runs go through accelerate (DDP): launch the same command with ``accelerate launch``
 (GPUs) or ``torchrun`` (the CPU test); each process samples its own prompts, gradients are
-averaged by DDP, and every process holds the same parameters after each step. DeepSpeed ZeRO-1 and
-ZeRO-2 keep whole parameters on every process too. FSDP and ZeRO-3 do not: the loop generates with
-the unwrapped model and the saliency reads ``W_O``, the final norm and ``W_U`` between forwards, so
-it refuses them (:func:`_shards_parameters`); ``saliency_r1.trl`` runs under ZeRO-3, whose weights
-TRL gathers for generation.
+averaged by DDP, and every process holds the same parameters after each step. FSDP and DeepSpeed
+are refused before anything loads (:func:`check_distribution`); TRL's trainer
+(``saliency_r1.trl``) handles DeepSpeed itself.
 """
 
 from __future__ import annotations
@@ -57,6 +55,13 @@ def load_policy(cfg: TrainConfig, dtype: torch.dtype = torch.float32):
     generation = model.generation_config
     generation.repetition_penalty, generation.no_repeat_ngram_size, generation.min_p = 1.0, 0, None
     return model, processor
+
+
+def lora_base_dtype(cfg: TrainConfig, device_type: str) -> torch.dtype:
+    """bf16 for the frozen base of a LoRA run under bf16, else fp32. The base gains nothing from
+    fp32 weights, and autocast would cast all of it again at every forward (it caches only the
+    casts of weights that require grad)."""
+    return torch.bfloat16 if cfg.lora and cfg.uses_bf16(device_type) else torch.float32
 
 
 def with_lora(model, cfg: TrainConfig):
@@ -226,15 +231,6 @@ def completion_logps(model, prompt: dict, completion_ids: torch.Tensor, completi
     return token_logps(hidden, head, completion_ids, temperature)
 
 
-def _shards_parameters(model) -> bool:
-    """Whether ``model``, as accelerate prepared it, holds only shards of its parameters between
-    forwards: FSDP (either version) or DeepSpeed ZeRO-3."""
-    names = {cls.__name__ for cls in type(model).__mro__}
-    if names & {"FullyShardedDataParallel", "FSDPModule"}:
-        return True
-    return "DeepSpeedEngine" in names and model.zero_optimization_stage() == 3
-
-
 def pad_completions(completions: list[torch.Tensor], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pads per-rollout completion ids: ``(ids [B, C], mask [B, C])``."""
     length = max(1, max(len(c) for c in completions))
@@ -372,6 +368,24 @@ def _autocast(cfg: TrainConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16) if cfg.uses_bf16(device.type) else contextlib.nullcontext()
 
 
+def check_distribution(distributed_type) -> None:
+    """Refuses the accelerate set-ups the loop cannot run, before any weights load.
+
+    FSDP and DeepSpeed ZeRO-3 shard the weights. Rollouts generate with the unwrapped model, and the
+    saliency reads ``W_O``, the final norm and ``W_U`` between forwards: both need the weights whole.
+    DeepSpeed at any stage also steps its optimizer at every backward, while the loop accumulates
+    micro-batches under ``no_sync``. Single-device runs and DDP are what the loop supports.
+    """
+    from accelerate.utils import DistributedType
+
+    if distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        raise ValueError(f"the GRPO loop runs on one device or under DDP, not {distributed_type.value}: FSDP and "
+                         "ZeRO-3 shard the weights that generation and the saliency (W_O, final norm, W_U) read "
+                         "whole, and DeepSpeed steps its optimizer at every backward, where the loop accumulates "
+                         "micro-batches. With --lora true the bf16 base of a 7B model (16.6 GB) fits on each GPU "
+                         "under DDP; TRL's trainer (saliency_r1.trl) handles DeepSpeed itself.")
+
+
 def train(cfg: TrainConfig) -> RunResult:
     """Runs GRPO as configured; returns where logs, plot and final checkpoint went."""
     from accelerate import Accelerator
@@ -383,14 +397,13 @@ def train(cfg: TrainConfig) -> RunResult:
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=cfg.report_to or None,
                               project_dir=cfg.output_dir)
+    check_distribution(accelerator.distributed_type)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)  # the same on every process: identical initial weights
-    # A frozen LoRA base gains nothing from fp32 weights, and under autocast every forward would cast
-    # all of it again (autocast caches only the casts of weights that require grad): keep it in bf16.
-    bf16_base = cfg.lora and cfg.uses_bf16(device.type)
-    model, processor = load_policy(cfg, torch.bfloat16 if bf16_base and cfg.model else torch.float32)
+    base_dtype = lora_base_dtype(cfg, device.type)
+    model, processor = load_policy(cfg, base_dtype if cfg.model else torch.float32)
     model.to(device)
     train_data, held_out = load_data(cfg)
     system = system_prompt(cfg)
@@ -402,7 +415,7 @@ def train(cfg: TrainConfig) -> RunResult:
     if cfg.cold_start_steps and cfg.model is None:
         cold_start(model, processor, train_data, cfg, device)
     if cfg.lora:  # after the tiny model's cold start, which trains all of its weights in fp32
-        model = with_lora(model.to(torch.bfloat16) if bf16_base else model, cfg)
+        model = with_lora(model.to(base_dtype), cfg)
     reference = None
     if cfg.beta != 0.0 and not cfg.lora:  # with LoRA the reference is the base model, adapters off
         reference = copy.deepcopy(model).eval().requires_grad_(False)
@@ -413,11 +426,6 @@ def train(cfg: TrainConfig) -> RunResult:
     # The scheduler stays out of prepare(): accelerate would step it once per process for every
     # optimizer step, finishing an 8-GPU warm-up 8 times too early.
     model, optimizer = accelerator.prepare(model, optimizer)
-    if _shards_parameters(model):
-        raise ValueError("FSDP and DeepSpeed ZeRO-3 shard the weights, but rollouts generate with the unwrapped "
-                         "model and the saliency reads W_O, the final norm and W_U between forwards: use DDP or "
-                         "ZeRO-1/2 (with --lora true the bf16 base of a 7B model is 15 GB on each GPU), or "
-                         "saliency_r1.trl, whose generation gathers ZeRO-3 weights")
     set_seed(cfg.seed + rank)  # distinct sampling noise per process; DDP has just synchronised the weights
     policy = accelerator.unwrap_model(model)
     adapter = get_adapter(policy)
@@ -630,11 +638,13 @@ def load_trained(checkpoint: str | Path):
 
     checkpoint = Path(checkpoint)
     cfg = TrainConfig.load(checkpoint / "config.yaml")
-    model, processor = load_policy(cfg)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base_dtype = lora_base_dtype(cfg, device)  # the base the adapter was trained on
+    model, processor = load_policy(cfg, base_dtype if cfg.model else torch.float32)
     if cfg.lora:
         if cfg.cold_start_steps and cfg.model is None:
             train_data, _ = load_data(cfg)
             cold_start(model, processor, train_data, cfg, torch.device("cpu"))
-        model = with_lora(model, cfg)
+        model = with_lora(model.to(base_dtype), cfg)
     load_weights(model, checkpoint / "model")
-    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval(), processor, cfg
+    return model.to(device).eval(), processor, cfg
