@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a lent GPU machine (H100/H200; torch 2.11, triton 3.6, transformers 5.17, no trl/datasets):
 # rebuild the CPU library against that torch, run the test suite on CUDA (Triton for real, not
-# interpreted), run every benchmark, and print the lines for bench/RESULTS.md.
+# interpreted), run every benchmark's CUDA variant, and print the lines for bench/RESULTS.md.
 #
 #   here, once:      bash bench/gpu.sh wheels     # downloads trl + datasets wheels into .whl/ (ignored)
 #   on the device:   bash bench/gpu.sh            # run with carry=[".whl"]; logs land in $OUT
