@@ -231,6 +231,12 @@ def _row_lse(q_rows: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
 
     Returns float32 ``[B, H, r]`` (float64 for float64 inputs).
     """
+    with torch.autocast(key.device.type, enabled=False):  # float32 scores even inside a bf16 forward
+        return _row_lse_exact(q_rows, key, mask, scaling, positions)
+
+
+def _row_lse_exact(q_rows: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float,
+                   positions: torch.Tensor) -> torch.Tensor:
     batch, heads, rows, dim = q_rows.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
     groups = heads // kv_heads

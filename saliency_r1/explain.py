@@ -306,59 +306,64 @@ def saliency_from_capture(model: nn.Module, processor, captured: CapturedRows, c
     think_pos = think_rows + (P - 1)  # think row r (= k + 1) is position P - 1 + r = P + k
     lengths = torch.stack([image_len, think_len, answer_len], dim=1)
 
-    # g_a once per batch; u = W_O[l,h]^T g_a per layer.
-    rms_answer = captured.rms.gather(1, answer_rows)
-    g = answer_logit_directions(adapter.norm_weight, adapter.unembedding, answer_ids, rms_answer)
-    if details:
-        # The think row r predicted completion token r: its own "answer" for the logit-decomposed map.
-        predicted = torch.stack([torch.cat([completions[b][think_rows[b, :think_len[b]].cpu()],
-                                            torch.zeros(think_rows.shape[1] - int(think_len[b]), dtype=torch.long)])
-                                 for b in range(batch)]).to(device)
-        g_think = answer_logit_directions(adapter.norm_weight, adapter.unembedding, predicted,
-                                          captured.rms.gather(1, think_rows))
-        think_lengths = torch.stack([image_len, think_len, think_len], dim=1)
-    take_answer, take_think = _RowTaker(answer_rows), _RowTaker(think_rows)
-    take_think_key, take_image = _RowTaker(think_pos), _RowTaker(image_index)
-    scale = adapter.scale
-    total = think_image = think_logit = answer_think = None
-    for layer in range(adapter.num_layers):
-        keys, values = _layer_kv(cache, layer)
-        q, lse = captured.queries[layer], captured.lse[layer]
-        q_answer, lse_answer = take_answer(q), take_answer(lse)
-        q_think, lse_think = take_think(q), take_think(lse)
-        k_think = take_think_key(keys)
-        k_image, v_image = take_image(keys), take_image(values)
-        o_proj = adapter.o_proj_weight(layer)
-        u = project_answer_vectors(g, o_proj, adapter.num_heads).to(q.dtype)
-        s_layer = layer_saliency(q_think, lse_think, q_answer, lse_answer, k_think, k_image, v_image, u,
-                                 lengths, scale, path)
-        total = s_layer if total is None else total + s_layer
+    # The projections and attention probabilities below are float32 (float64) work: a caller's bf16
+    # autocast (the training loop's, evaluation's) would run their matmuls in bf16.
+    with torch.autocast(device.type, enabled=False):
+        # g_a once per batch; u = W_O[l,h]^T g_a per layer.
+        rms_answer = captured.rms.gather(1, answer_rows)
+        g = answer_logit_directions(adapter.norm_weight, adapter.unembedding, answer_ids, rms_answer)
         if details:
-            u_think = project_answer_vectors(g_think, o_proj, adapter.num_heads).to(q.dtype)
-            layer_logit = layer_saliency(q_think, lse_think, q_think, lse_think, k_think, k_image, v_image, u_think,
-                                         think_lengths, scale, "direct")
-            layer_image = _alpha_head_sum(q_think, lse_think, k_image, scale)
-            layer_think = _alpha_head_sum(q_answer, lse_answer, k_think, scale)
-            think_logit = layer_logit if think_logit is None else think_logit + layer_logit
-            think_image = layer_image if think_image is None else think_image + layer_image
-            answer_think = layer_think if answer_think is None else answer_think + layer_think
+            # The think row r predicted completion token r: its own "answer" for the logit-decomposed map.
+            predicted = torch.stack([torch.cat([completions[b][think_rows[b, :think_len[b]].cpu()],
+                                                torch.zeros(think_rows.shape[1] - int(think_len[b]), dtype=torch.long)])
+                                     for b in range(batch)]).to(device)
+            g_think = answer_logit_directions(adapter.norm_weight, adapter.unembedding, predicted,
+                                              captured.rms.gather(1, think_rows))
+            think_lengths = torch.stack([image_len, think_len, think_len], dim=1)
+        take_answer, take_think = _RowTaker(answer_rows), _RowTaker(think_rows)
+        take_think_key, take_image = _RowTaker(think_pos), _RowTaker(image_index)
+        scale = adapter.scale
+        total = think_image = think_logit = answer_think = None
+        for layer in range(adapter.num_layers):
+            keys, values = _layer_kv(cache, layer)
+            q, lse = captured.queries[layer], captured.lse[layer]
+            q_answer, lse_answer = take_answer(q), take_answer(lse)
+            q_think, lse_think = take_think(q), take_think(lse)
+            # Under autocast the rotary embedding promotes q and k to fp32 while v stays bf16: the op
+            # takes one dtype, the queries'.
+            k_think = take_think_key(keys).to(q.dtype)
+            k_image, v_image = take_image(keys).to(q.dtype), take_image(values).to(q.dtype)
+            o_proj = adapter.o_proj_weight(layer)
+            u = project_answer_vectors(g, o_proj, adapter.num_heads).to(q.dtype)
+            s_layer = layer_saliency(q_think, lse_think, q_answer, lse_answer, k_think, k_image, v_image, u,
+                                     lengths, scale, path)
+            total = s_layer if total is None else total + s_layer
+            if details:
+                u_think = project_answer_vectors(g_think, o_proj, adapter.num_heads).to(q.dtype)
+                layer_logit = layer_saliency(q_think, lse_think, q_think, lse_think, k_think, k_image, v_image, u_think,
+                                             think_lengths, scale, "direct")
+                layer_image = _alpha_head_sum(q_think, lse_think, k_image, scale)
+                layer_think = _alpha_head_sum(q_answer, lse_answer, k_think, scale)
+                think_logit = layer_logit if think_logit is None else think_logit + layer_logit
+                think_image = layer_image if think_image is None else think_image + layer_image
+                answer_think = layer_think if answer_think is None else answer_think + layer_think
 
-    maps, answer_maps = [], []
-    think_maps = [] if details else None
-    think_logit_maps = [] if details else None
-    answer_to_think = [] if details else None
-    for b in range(batch):
-        n, t, a = (int(x) for x in lengths[b])
-        per_token = total[b, :a, :n]
-        answer_maps.append(_per_image(per_token, grids[b]))
-        maps.append(_per_image(per_token.sum(0), grids[b]))
-        if details:
-            think_maps.append(_per_image(think_image[b, :t, :n].to(total.dtype), grids[b]))
-            think_logit_maps.append(_per_image(think_logit[b, :t, :n], grids[b]))
-            answer_to_think.append(answer_think[b, :a, :t].to(total.dtype))
+        maps, answer_maps = [], []
+        think_maps = [] if details else None
+        think_logit_maps = [] if details else None
+        answer_to_think = [] if details else None
+        for b in range(batch):
+            n, t, a = (int(x) for x in lengths[b])
+            per_token = total[b, :a, :n]
+            answer_maps.append(_per_image(per_token, grids[b]))
+            maps.append(_per_image(per_token.sum(0), grids[b]))
+            if details:
+                think_maps.append(_per_image(think_image[b, :t, :n].to(total.dtype), grids[b]))
+                think_logit_maps.append(_per_image(think_logit[b, :t, :n], grids[b]))
+                answer_to_think.append(answer_think[b, :a, :t].to(total.dtype))
     return RolloutSaliency(
-        sequences=sequences, prompt_length=P, completion_ids=completions, texts=texts,
-        valid=torch.tensor(valid, dtype=torch.float32, device=sequences.device), maps=maps, spans=spans, image_grids=grids,
+        sequences=sequences, prompt_length=P, completion_ids=completions, texts=texts, maps=maps, spans=spans,
+        valid=torch.tensor(valid, dtype=torch.float32, device=sequences.device), image_grids=grids,
         answer_token_maps=answer_maps, think_token_maps=think_maps, think_token_logit_maps=think_logit_maps,
         answer_to_think=answer_to_think, path=path, timings={"saliency": time.perf_counter() - started},
         captured_bytes=captured.nbytes())

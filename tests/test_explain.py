@@ -256,6 +256,32 @@ def test_generation_path_equals_teacher_forced(processor, model64):
     assert set(generated.timings) == {"generate", "saliency"} and set(forced.timings) == {"forward", "saliency"}
 
 
+@pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16], ids=["full-fine-tune", "bf16-lora-base"])
+def test_generation_inside_bf16_autocast(processor, weights, monkeypatch):
+    """The loop's rollouts on a GPU: generation inside bf16 autocast, every decode row's log-sum-exp
+    from the capture's own reduction (the CUDA path), fp32 weights (the rotary embedding then
+    promotes q and k to fp32 while v stays bf16) or bf16 ones. The maps must come out, float32,
+    and agree with the same completions scored without autocast to bf16 accuracy."""
+    import saliency_r1.capture as capture_module
+
+    monkeypatch.setattr(capture_module, "_FLASH_CPU", None)
+    model = build_tiny_model(processor, dtype=weights, seed=1)
+    inputs, completions = _rollouts(processor)
+    scripts = [c[0] for c in completions]
+    steer = _Script(scripts, inputs["input_ids"].shape[1], processor.tokenizer.pad_token_id)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        generated = generate_with_saliency(model, processor, inputs, do_sample=False,
+                                           max_new_tokens=max(len(s) for s in scripts),
+                                           logits_processor=LogitsProcessorList([steer]))
+    plain = saliency_for_completions(model.float(), processor, inputs, scripts)
+    assert generated.valid.tolist() == [1.0, 1.0, 1.0]
+    for got_row, want_row in zip(generated.maps, plain.maps):
+        for got, want in zip(got_row, want_row):
+            assert got.dtype == torch.float32 and torch.isfinite(got).all()
+            scale = float(want.abs().max())
+            assert float((got - want).abs().max()) <= 0.05 * scale
+
+
 def test_invalid_completion_gives_zero_map_and_validity(processor, model64):
     inputs = _prompts(processor, [(1, "what?"), (1, "what colour?")])
     tok = processor.tokenizer
