@@ -86,6 +86,7 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0: no clipping).")
     micro_batch_size: int = _f(8, "Rollouts per forward/backward; the step accumulates over the batch.")
     bf16: str = _f("auto", "bf16 autocast: auto (on when CUDA is present), true, false.")
+    use_cpu: bool = _f(False, "Train on the CPU even when a GPU is present (bit-exact resume; debugging).")
     lora: bool = _f(False, "Train LoRA adapters (peft) instead of all weights.")
     lora_r: int = _f(8, "LoRA rank.")
     lora_alpha: int = _f(16, "LoRA alpha.")

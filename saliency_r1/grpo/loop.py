@@ -395,7 +395,7 @@ def train(cfg: TrainConfig) -> RunResult:
     from saliency_r1.explain import generate_with_saliency
     from saliency_r1.grpo.plots import plot_reward_curves
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=cfg.report_to or None,
+    accelerator = Accelerator(cpu=cfg.use_cpu or not torch.cuda.is_available(), log_with=cfg.report_to or None,
                               project_dir=cfg.output_dir)
     check_distribution(accelerator.distributed_type)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
