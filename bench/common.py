@@ -3,13 +3,16 @@ the summary lines for bench/RESULTS.md (printed by bench/conftest.py at the end 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import platform
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
+import pytest
 import torch
+from transformers import LogitsProcessor
 
 RESULT_LINES: list[str] = []
 
@@ -19,8 +22,52 @@ SMALL_TEXT_MODEL = dict(hidden_size=256, intermediate_size=512, num_hidden_layer
                         num_key_value_heads=2)
 QWEN2_5_VL_3B_TEXT_MODEL = dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
                                 num_attention_heads=16, num_key_value_heads=2, vocab_size=151936, rms_norm_eps=1e-6)
+# The generation benchmarks' devices: the CPU always, CUDA at Qwen2.5-VL-3B's shapes when present.
+GENERATION_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA variant (Qwen2.5-VL-3B configuration)"))]
 # The words of the benchmarks' scripted reasoning.
 THINK_WORDS = [" the", " circle", " is", " on", " the", " left", " and", " it", " is", " red", ",", " so"]
+
+
+@contextlib.contextmanager
+def one_cpu_thread(device: str) -> Iterator[None]:
+    """One thread for a CPU run (the CI machine is shared: more threads would time the neighbours)."""
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def scripted_completions(tokenizer, rows: int, length: int, answer: str) -> list[list[int]]:
+    """Per row, a well-formed completion of exactly ``length`` tokens: a think of ``THINK_WORDS``
+    (row ``r`` starts ``r`` words further into their cycle, so rows differ), then ``answer`` tagged."""
+    def one(text):
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    tail = one(f"</think><answer>{answer}</answer>") + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    words = [one(word)[0] for word in THINK_WORDS]
+    body = length - 1 - len(tail)
+    return [one("<think>") + [words[(r + k) % len(words)] for k in range(body)] + tail for r in range(rows)]
+
+
+class ScriptedRows(LogitsProcessor):
+    """Generation along given completions: row ``r`` emits ``scripts[r]``, one token per step."""
+
+    def __init__(self, scripts: list[list[int]]):
+        self.scripts = torch.tensor(scripts)
+        self.step = 0
+
+    def __call__(self, input_ids, scores):
+        if self.scripts.device != scores.device:  # once: no host-to-device copy per step
+            self.scripts = self.scripts.to(scores.device)
+        column = self.scripts[:, min(self.step, self.scripts.shape[1] - 1)]
+        self.step += 1
+        forced = torch.full_like(scores, float("-inf"))
+        forced[torch.arange(len(column), device=scores.device), column] = 0.0
+        return forced
 
 
 def _rss_bytes(field: str) -> int:

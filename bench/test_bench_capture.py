@@ -24,10 +24,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessorList
 
-from common import (QWEN2_5_VL_3B_TEXT_MODEL, SMALL_TEXT_MODEL, THINK_WORDS, measure_peak_memory,
-                    peak_tensor_bytes, report, time_median)
+from common import (GENERATION_DEVICES, QWEN2_5_VL_3B_TEXT_MODEL, SMALL_TEXT_MODEL, ScriptedRows,
+                    measure_peak_memory, one_cpu_thread, peak_tensor_bytes, report, scripted_completions,
+                    time_median)
 from saliency_r1.capture import text_attention
 from saliency_r1.explain import generate_with_saliency
 from saliency_r1.tiny import build_tiny_model, build_tiny_processor
@@ -38,29 +39,6 @@ CONFIGS = {
     "cuda": dict(model=QWEN2_5_VL_3B_TEXT_MODEL,
                  dtype=torch.bfloat16, image=896, rollouts=8, new_tokens=512, rounds=3),
 }
-
-class Script(LogitsProcessor):
-    """Every row emits ``script`` (one token per step): generation along a fixed completion."""
-
-    def __init__(self, script: list[int]):
-        self.script = script
-        self.step = 0
-
-    def __call__(self, input_ids, scores):
-        forced = torch.full_like(scores, float("-inf"))
-        forced[:, self.script[min(self.step, len(self.script) - 1)]] = 0.0
-        self.step += 1
-        return forced
-
-
-def _script(tokenizer, length: int) -> list[int]:
-    def one(text):
-        return tokenizer(text, add_special_tokens=False).input_ids
-
-    tail = one("</think><answer> red circle </answer>") + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
-    think = [one(word)[0] for word in THINK_WORDS]
-    body = (think * length)[:length - 1 - len(tail)]
-    return one("<think>") + body + tail
 
 
 def _setup(device: str):
@@ -73,25 +51,21 @@ def _setup(device: str):
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour is the circle?"}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(text=[text] * cfg["rollouts"], images=[image] * cfg["rollouts"], return_tensors="pt").to(device)
-    script = _script(processor.tokenizer, cfg["new_tokens"])
+    script = scripted_completions(processor.tokenizer, 1, cfg["new_tokens"], " red circle ")[0]
     return cfg, processor, model, inputs, script
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="CUDA variant (Qwen2.5-VL-3B configuration)"))])
+@pytest.mark.parametrize("device", GENERATION_DEVICES)
 def test_bench_generation_with_capture(benchmark, device):
     cuda = device == "cuda"
-    threads = torch.get_num_threads()
-    if not cuda:
-        torch.set_num_threads(1)
-    try:
+    with one_cpu_thread(device):
         cfg, processor, model, inputs, script = _setup(device)
         n = cfg["new_tokens"]
         image_tokens = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
 
         def common():
-            return dict(max_new_tokens=n, do_sample=False, logits_processor=LogitsProcessorList([Script(script)]))
+            return dict(max_new_tokens=n, do_sample=False, logits_processor=LogitsProcessorList([ScriptedRows([script] * cfg["rollouts"])]))
 
         def ours():
             result = generate_with_saliency(model, processor, inputs, **common())
@@ -152,5 +126,3 @@ def test_bench_generation_with_capture(benchmark, device):
                extra_memory_ratio=f"{extra_public / extra_ours:.1f}x (extra over plain: ours "
                                   f"{extra_ours / 2 ** 20:.1f} MiB, public {extra_public / 2 ** 20:.1f} MiB)",
                **common_notes)
-    finally:
-        torch.set_num_threads(threads)

@@ -24,10 +24,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessorList
 
-from common import (QWEN2_5_VL_3B_TEXT_MODEL, SMALL_TEXT_MODEL, THINK_WORDS, measure_peak_memory,
-                    peak_tensor_bytes, report)
+from common import (GENERATION_DEVICES, QWEN2_5_VL_3B_TEXT_MODEL, SMALL_TEXT_MODEL, ScriptedRows,
+                    measure_peak_memory, one_cpu_thread, peak_tensor_bytes, report, scripted_completions)
 from saliency_r1.explain import generate_with_saliency
 from saliency_r1.grpo.config import TrainConfig
 from saliency_r1.grpo.loop import (completion_logps, image_rows, pad_completions, prompt_inputs, score, select,
@@ -42,32 +42,6 @@ CONFIGS = {
     "cuda": dict(model=QWEN2_5_VL_3B_TEXT_MODEL,
                  image=896, generations=8, new_tokens=512, micro_batch=2, rounds=2),
 }
-
-class RowScripts(LogitsProcessor):
-    """Row ``r`` emits ``scripts[r]``, one token per step."""
-
-    def __init__(self, scripts: list[list[int]]):
-        self.scripts = torch.tensor(scripts)
-        self.step = 0
-
-    def __call__(self, input_ids, scores):
-        column = self.scripts[:, min(self.step, self.scripts.shape[1] - 1)].to(scores.device)
-        self.step += 1
-        forced = torch.full_like(scores, float("-inf"))
-        forced[torch.arange(len(column), device=scores.device), column] = 0.0
-        return forced
-
-
-def _scripts(tokenizer, rows: int, length: int) -> list[list[int]]:
-    """Per row, a well-formed completion of exactly ``length`` tokens; row ``r`` starts its think ``r``
-    words further into the word cycle, so every row's think, and so its saliency map, differs."""
-    def one(text):
-        return tokenizer(text, add_special_tokens=False).input_ids
-
-    tail = one("</think><answer> red </answer>") + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
-    words = [one(word)[0] for word in THINK_WORDS]
-    body = length - 1 - len(tail)
-    return [one("<think>") + [words[(r + k) % len(words)] for k in range(body)] + tail for r in range(rows)]
 
 
 def _setup(device: str):
@@ -84,7 +58,7 @@ def _setup(device: str):
     example = {"image": image, "problem": "What colour is the circle?", "solution": "red",
                "bbox": "[0.1000,0.2000,0.4500,0.6000]"}
     inputs = prompt_inputs(processor, [example], system_prompt(cfg), repeat=cfg.num_generations).to(device)
-    scripts = _scripts(processor.tokenizer, cfg.num_generations, cfg.max_completion_length)
+    scripts = scripted_completions(processor.tokenizer, cfg.num_generations, cfg.max_completion_length, " red ")
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-5)
     return cfg, processor, policy, optimizer, inputs, [example] * cfg.num_generations, scripts
 
@@ -103,7 +77,7 @@ def _grpo_step(cfg, processor, policy, optimizer, inputs, examples, scripts, *, 
         return time.perf_counter()
 
     generate = dict(max_new_tokens=cfg.max_completion_length, do_sample=False,
-                    logits_processor=LogitsProcessorList([RowScripts(scripts)]))
+                    logits_processor=LogitsProcessorList([ScriptedRows(scripts)]))
     policy.eval()
     started = time.perf_counter()
     with torch.no_grad(), autocast:
@@ -144,14 +118,10 @@ def _grpo_step(cfg, processor, policy, optimizer, inputs, examples, scripts, *, 
     return clock
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="CUDA variant (Qwen2.5-VL-3B configuration)"))])
+@pytest.mark.parametrize("device", GENERATION_DEVICES)
 def test_bench_grpo_step_saliency_share(benchmark, device):
     cuda = device == "cuda"
-    threads = torch.get_num_threads()
-    if not cuda:
-        torch.set_num_threads(1)
-    try:
+    with one_cpu_thread(device):
         setup = _setup(device)
         cfg = setup[0]
 
@@ -186,5 +156,3 @@ def test_bench_grpo_step_saliency_share(benchmark, device):
                split="generation/saliency/reward/update", rollouts=len(setup[5]), new_tokens=cfg.max_completion_length,
                layers=CONFIGS[device]["model"]["num_hidden_layers"], lora="q_proj,v_proj",
                dtype="bf16 base, fp32 adapters" if cuda else "float32")
-    finally:
-        torch.set_num_threads(threads)
