@@ -130,6 +130,12 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def device_type(self) -> str:
+        """Where the run trains: ``"cuda"`` when a GPU is present and ``use_cpu`` is off, else ``"cpu"``."""
+        import torch  # here, not at the top: the command line parses configs without loading torch
+
+        return "cuda" if torch.cuda.is_available() and not self.use_cpu else "cpu"
+
     def uses_bf16(self, device_type: str) -> bool:
         """Whether the run's forwards go under bf16 autocast on ``device_type`` ("auto": on CUDA)."""
         return self.bf16 == "true" or (self.bf16 == "auto" and device_type == "cuda")

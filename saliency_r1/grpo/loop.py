@@ -184,14 +184,10 @@ def _hidden_instead_of_logits(model):
         owner.set_output_embeddings(head)
 
 
-def _logps_of(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
-    logits = logits.float() / temperature
-    return logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-
-
 def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor,
                  temperature: float) -> torch.Tensor:
-    return _logps_of(torch.nn.functional.linear(hidden, weight, bias), ids, temperature)
+    logits = torch.nn.functional.linear(hidden, weight, bias).float() / temperature
+    return logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
 def token_logps(hidden: torch.Tensor, head: torch.nn.Linear, ids: torch.Tensor, temperature: float,
@@ -395,7 +391,7 @@ def train(cfg: TrainConfig) -> RunResult:
     from saliency_r1.explain import generate_with_saliency
     from saliency_r1.grpo.plots import plot_reward_curves
 
-    accelerator = Accelerator(cpu=cfg.use_cpu or not torch.cuda.is_available(), log_with=cfg.report_to or None,
+    accelerator = Accelerator(cpu=cfg.device_type() == "cpu", log_with=cfg.report_to or None,
                               project_dir=cfg.output_dir)
     check_distribution(accelerator.distributed_type)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
@@ -629,7 +625,7 @@ class _Clock:
 
 def load_trained(checkpoint: str | Path):
     """``(model, processor, cfg)`` of a checkpoint written by :func:`train`, ready for evaluation
-    (in eval mode, on the GPU when there is one).
+    (in eval mode, on the device the run trained on: the GPU when there is one, unless ``use_cpu``).
 
     A full fine-tune loads from ``checkpoint/model``; a LoRA run rebuilds its base as the run did
     (checkpoint path or tiny model, plus the deterministic cold start) and loads the adapter.
@@ -638,7 +634,7 @@ def load_trained(checkpoint: str | Path):
 
     checkpoint = Path(checkpoint)
     cfg = TrainConfig.load(checkpoint / "config.yaml")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = cfg.device_type()
     base_dtype = lora_base_dtype(cfg, device)  # the base the adapter was trained on
     model, processor = load_policy(cfg, base_dtype if cfg.model else torch.float32)
     if cfg.lora:
