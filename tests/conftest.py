@@ -30,6 +30,6 @@ def cold_model(tmp_path_factory) -> str:
 
     directory = tmp_path_factory.getbasetemp() / "cold-start-tiny"
     # 3e-3 teaches the format in 40 steps (the default 1e-3 needs more to read images).
-    export_cold_start(TrainConfig(cold_start_steps=40, cold_start_lr=3e-3, prompts_per_step=2, num_generations=4),
+    export_cold_start(TrainConfig(cold_start_steps=40, cold_start_lr=3e-3, cold_start_batch=8),
                       directory)
     return str(directory)

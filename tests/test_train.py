@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from saliency_r1.grpo.checkpoint import latest_checkpoint
 from saliency_r1.grpo.config import TrainConfig
-from saliency_r1.grpo.loop import PromptOrder, _flush, pad_completions, train
+from saliency_r1.data.synthetic import SyntheticConfig, SyntheticGroundedVQA
+from saliency_r1.grpo.loop import PromptOrder, _flush, cold_start_set, pad_completions, train
 from saliency_r1.grpo.plots import read_log
 
 # Small enough for seconds per run on 2 cores.
@@ -43,6 +44,20 @@ def test_flush_reduces_maxima_by_max_and_the_rest_by_mean():
 def test_pad_completions():
     ids, mask = pad_completions([torch.tensor([5, 6, 7]), torch.tensor([8])], pad_id=0, device="cpu")
     assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_cold_start_set_names_one_object_per_image_once():
+    data = SyntheticGroundedVQA(40, 0, SyntheticConfig(num_objects=3))
+    examples, texts = cold_start_set(data, 30)
+    assert len(examples) == len(texts) == 30
+    assert cold_start_set(data, 30)[1] == texts  # a fixed set: the same reasoning at every visit
+    named = [text.removeprefix("<think>").split()[0] for text in texts]
+    assert all(colour in [obj[0] for obj in example["objects"]] for colour, example in zip(named, examples))
+    on_target = sum(colour == example["target"][0] for colour, example in zip(named, examples))
+    assert 0 < on_target < len(named)  # some name the evidence, most another object: GRPO picks
+    assert len(cold_start_set(data, 1000)[0]) == len(data)
+    with pytest.raises(ValueError, match="synthetic set"):
+        cold_start_set([data[0]], 1)
 
 
 def test_fsdp_and_deepspeed_are_refused_before_loading():

@@ -95,6 +95,9 @@ class TrainConfig:
     cold_start_steps: int = _f(2000, "Tiny model only: supervised steps on worked completions of the synthetic "
                                     "set before GRPO (the paper's cold start; a real checkpoint brings its own).")
     cold_start_lr: float = _f(1e-3, "Learning rate of the cold-start steps (3e-3 never learns to read the image).")
+    cold_start_size: int = _f(512, "Cold start: worked examples, the first N training images (their reasoning "
+                                   "names one object per image, drawn once).")
+    cold_start_batch: int = _f(16, "Cold start: worked examples per step (the set is cycled in order).")
 
     # ---------------------------------------------------------------- bookkeeping
     seed: int = _f(0, "Seed of model initialisation (tiny), data order and sampling.")
@@ -115,17 +118,13 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         positive = ("steps", "prompts_per_step", "num_generations", "max_completion_length", "inner_iterations",
-                    "micro_batch_size", "log_every")
+                    "micro_batch_size", "log_every", "cold_start_size", "cold_start_batch")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for tracker in self.report_to:
             if tracker not in ("tensorboard", "wandb"):
                 raise ValueError(f"report_to entries must be tensorboard or wandb, got {tracker!r}")
-
-    @property
-    def rollouts_per_step(self) -> int:
-        return self.prompts_per_step * self.num_generations
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

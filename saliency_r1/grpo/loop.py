@@ -19,6 +19,7 @@ import copy
 import importlib
 import json
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -299,30 +300,45 @@ def pointing_rate(rollout, examples: list[dict], form: torch.Tensor) -> float:
 
 # ============================================================================ cold start
 
-def cold_start(model, processor, data, cfg: TrainConfig, device) -> list[float]:
-    """Supervised steps on worked completions of the synthetic set (the paper's cold start): the
-    policy learns the ``<think>/<answer>`` format and to name an object of the image and read it
-    before answering. The reasoning names a random object, so where it looks is left for GRPO."""
+def cold_start_set(data, size: int) -> tuple[list[dict], list[str]]:
+    """The cold start's fixed set, as a real cold start is: the first ``size`` examples of ``data``,
+    each with one worked completion whose reasoning names an object drawn once per image (the
+    target for a third of them with three objects, so where the policy looks is left for GRPO).
+    With this set, naming the target puts the map on it (two model seeds); drawing a fresh object
+    at every visit instead gave cold starts where naming the target barely moves the map, or
+    moves it away (bench/RESULTS.md, evidence point 8)."""
     from saliency_r1.data.synthetic import worked_completion
 
     if not hasattr(data, "config"):
         raise ValueError("cold_start_steps needs the synthetic set (its reasoning can be written out)")
-    generator = torch.Generator().manual_seed(cfg.seed + 17)
+    examples = [data[i] for i in range(min(size, len(data)))]
+    texts = [worked_completion(example, random.Random(i).randrange(len(example["objects"])))
+             for i, example in enumerate(examples)]
+    return examples, texts
+
+
+def cold_start(model, processor, data, cfg: TrainConfig, device) -> list[float]:
+    """Supervised steps on worked completions of the synthetic set (the paper's cold start): the
+    policy learns the ``<think>/<answer>`` format and to name an object of the image and read it
+    before answering. The set (:func:`cold_start_set`) is cycled in order, ``cold_start_batch``
+    examples a step."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.cold_start_lr)
     eos = processor.tokenizer.eos_token_id
-    examples = [data[i] for i in range(len(data))]
+    examples, texts = cold_start_set(data, cfg.cold_start_size)
+    completions = [torch.tensor(processor.tokenizer(text, add_special_tokens=False)["input_ids"] + [eos])
+                   for text in texts]
     # The processor is most of a tiny step's time: run it once over the set, then pick rows.
     prompts = prompt_inputs(processor, examples, system_prompt(cfg))
     pixel_rows = image_rows(prompts)
+    batches = [list(range(i, min(i + cfg.cold_start_batch, len(examples))))
+               for i in range(0, len(examples), cfg.cold_start_batch)]
     model.train()
     losses = []
-    for _ in tqdm(range(cfg.cold_start_steps), desc="cold start", disable=not cfg.progress, leave=False):
-        picks = torch.randint(len(examples), (cfg.rollouts_per_step,), generator=generator).tolist()
-        texts = [worked_completion(examples[i], int(torch.randint(len(examples[i]["objects"]), (1,),
-                                                                  generator=generator))) for i in picks]
+    for step in tqdm(range(cfg.cold_start_steps), desc="cold start", disable=not cfg.progress, leave=False):
+        picks = batches[step % len(batches)]
         prompt = {k: v.to(device) for k, v in select(prompts, picks, pixel_rows).items()}
-        ids = [torch.tensor(processor.tokenizer(t, add_special_tokens=False)["input_ids"] + [eos]) for t in texts]
-        completion_ids, mask = pad_completions(ids, processor.tokenizer.pad_token_id, device)
+        completion_ids, mask = pad_completions([completions[i] for i in picks], processor.tokenizer.pad_token_id,
+                                               device)
         logps = completion_logps(model, prompt, completion_ids, mask, 1.0)
         loss = -(logps * mask).sum() / mask.sum()
         loss.backward()
