@@ -8,6 +8,11 @@ held-out curves. First it measures the lever the reward can pull: held-out salie
 the reasoning (teacher-forced) names the target object against when it names another one.
 
     python bench/learning.py                       # 3 seeds, the demo configuration (CPU)
+    python bench/learning.py --seed 0 --seeds 0 --prompts-per-step 16 --num-generations 8 \
+        --learning-rate 3e-4 --train-size 8192 --steps 400 --saliency-weight 3 \
+        --eval-limit 128 --eval-size 128 --eval-every 100
+                                                   # the smallest configuration that shows the
+                                                   # effect (bench/RESULTS.md): 25 min a pair
     python bench/learning.py --seeds 0 --steps 40  # one quick pair
     python bench/learning.py --lever-only          # only the cold start and its levers
     python bench/learning.py --model CKPT --data train.parquet --eval-data held.parquet --seeds 0
@@ -164,6 +169,11 @@ def print_table(runs, seeds, cfg) -> None:
     mean = {name: {k: statistics.mean(m[k] for m in ms) for k in ("saliency_in_box", "pointing_game", "accuracy")}
             for name, ms in ends.items()}
     print(f"| mean | {cell(start)} | {cell(mean['on'])} | {cell(mean['off'])} |")
+    for metric in ("saliency_in_box", "pointing_game"):
+        gains = [on[metric] - off[metric] for on, off in zip(ends["on"], ends["off"])]
+        spread = f" +- {statistics.stdev(gains) / len(gains) ** 0.5:.3f} (standard error)" if len(gains) > 1 else ""
+        wins = sum(gain > 0 for gain in gains)
+        print(f"{metric}, reward on - off: {statistics.mean(gains):+.3f}{spread}; on ahead in {wins} of {len(gains)} seeds")
 
 
 def plot(runs, seeds, path: Path) -> None:
