@@ -9,7 +9,7 @@ the reasoning (teacher-forced) names the target object against when it names ano
 
     python bench/learning.py                       # 3 seeds, the demo configuration (CPU)
     python bench/learning.py --seed 0 --seeds 0 --prompts-per-step 16 --num-generations 8 \
-        --learning-rate 3e-4 --train-size 8192 --steps 400 --saliency-weight 3 \
+        --learning-rate 3e-4 --train-size 8192 --steps 400 --saliency-weight 10 \
         --eval-limit 128 --eval-size 128 --eval-every 100
                                                    # the smallest configuration that shows the
                                                    # effect (bench/RESULTS.md): 25 min a pair
