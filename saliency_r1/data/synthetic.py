@@ -147,8 +147,8 @@ def worked_completion(example: dict, described: int | None = None) -> str:
     reads off the attribute the question asks about, the answer is right.
 
     ``described`` picks the object the reasoning names (default: the target). The cold start
-    trains on completions that name a random object, so that the policy starts out looking at
-    any object and only a reward for looking at the evidence tells it which one.
+    trains on completions that name one object per image, drawn at random once, so that the policy
+    starts out looking at any object and only a reward for looking at the evidence tells it which.
 
     >>> example = {"objects": [("red", "square", "dark", (0, 0, 9, 9))], "target_index": 0, "solution": "dark"}
     >>> worked_completion(dict(example, questions="shade"))
