@@ -1,4 +1,5 @@
-"""Builds the CPU kernels with CMake against the torch that is installed, and installs the package.
+"""Builds the CPU kernels with CMake against the torch that is installed; the package's metadata is
+in pyproject.toml.
 
 Install with ``pip install --no-build-isolation -e .``: build isolation would build against a
 second torch pulled into a temporary environment, and the library would not load beside yours.
@@ -50,16 +51,6 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    name="saliency-r1",
-    version="0.1.0",
-    description="Fast, faithful Saliency-R1: saliency-map rewards for GRPO on vision-language models",
-    packages=["saliency_r1", "saliency_r1.kernels", "saliency_r1.kernels.reference"],
-    package_dir={"saliency_r1": "saliency_r1", "saliency_r1.kernels": "kernels"},
     ext_modules=[CMakeExtension("saliency_r1._C")],
     cmdclass={"build_ext": CMakeBuild},
-    python_requires=">=3.10",
-    install_requires=["torch>=2.4", "triton", "transformers>=4.55", "trl", "numpy", "pillow",
-                      "accelerate", "datasets", "peft", "pyyaml", "tqdm", "matplotlib"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis"]},
-    entry_points={"console_scripts": ["saliency-r1=saliency_r1.cli:main"]},
 )
