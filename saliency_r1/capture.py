@@ -39,6 +39,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend
 from transformers import AttentionInterface
+from transformers.integrations import sdpa_attention
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -55,6 +56,12 @@ _LSE_BLOCK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 24}
 # Its binding in the torch namespace: through torch.ops.aten each call costs ~5 us more.
 _FLASH_CPU = getattr(torch, "_scaled_dot_product_flash_attention_for_cpu", None)
 _FLASH = int(SDPBackend.FLASH_ATTENTION)
+
+# How sdpa_attention_forward hands a decode row with grouped heads and a mask to SDPA: transformers
+# 5.2x packs a group's heads as the query rows of their key head (pack_gqa); earlier releases (5.17)
+# repeat the keys and values for every head. The fused decode step does the same, so that its output
+# is SDPA's bit for bit under either.
+_PACKS_GROUPED_HEADS = hasattr(sdpa_attention, "pack_gqa")
 
 _ACTIVE: contextvars.ContextVar["SaliencyCapture | None"] = contextvars.ContextVar("saliency_capture", default=None)
 
@@ -274,10 +281,10 @@ def _decode_attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: to
     the row LSEs it computes anyway come back too: recomputing them from the keys after generation took
     ~18 ms of a ~550 ms generation (+3 %) in the CPU benchmark (bench/test_bench_capture.py).
 
-    The kernel gets what ``sdpa_attention_forward`` (transformers 5.24) gives SDPA for one query row: a
-    bool mask made additive as SDPA does; grouped heads as they are without a mask (``enable_gqa``) and,
-    with one, a group's heads as the query rows of their key head (``pack_gqa``). The output is then
-    SDPA's bit for bit; a transformers that arranges the heads otherwise differs by rounding only.
+    The kernel gets what ``sdpa_attention_forward`` gives SDPA for one query row: a bool mask made
+    additive as SDPA does; grouped heads as they are without a mask (``enable_gqa``) and, with one, as
+    the installed transformers arranges them (a group's heads as the query rows of their key head,
+    ``pack_gqa``, in 5.2x; keys and values repeated per head in 5.17). The output is then SDPA's bit for bit.
 
     Returns ``(output [B, 1, H, d_v], lse [B, H, 1])`` (LSE in float32, float64 for float64), or ``None``
     where SDPA would pick another kernel, the kernel is missing or rejects the inputs.
@@ -291,12 +298,16 @@ def _decode_attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: to
     if mask is not None:
         if mask.dtype == torch.bool:
             mask = torch.zeros_like(mask, dtype=query.dtype).masked_fill_(mask.logical_not(), float("-inf"))
-        if heads != kv_heads:
+        if heads != kv_heads and _PACKS_GROUPED_HEADS:
             q = query.reshape(batch, kv_heads, heads // kv_heads, dim)
             if mask.shape[1] > 1:
                 mask = mask.reshape(mask.shape[0], kv_heads, heads // kv_heads, mask.shape[-1])
+        elif heads != kv_heads:
+            key = sdpa_attention.repeat_kv(key, heads // kv_heads)
+            value = sdpa_attention.repeat_kv(value, heads // kv_heads)
     scale = kwargs.get("scaling")
-    if torch._fused_sdp_choice(q, key, value, mask, 0.0, False, scale=scale, enable_gqa=q.shape[1] != kv_heads) != _FLASH:
+    grouped = q.shape[1] != key.shape[1]
+    if torch._fused_sdp_choice(q, key, value, mask, 0.0, False, scale=scale, enable_gqa=grouped) != _FLASH:
         return None
     try:
         out, lse = _FLASH_CPU(q, key, value, 0.0, False, attn_mask=mask, scale=scale)
