@@ -31,7 +31,10 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> None:
     from saliency_r1.grpo.config import build_parser, config_from_args
-    from saliency_r1.grpo.loop import export_cold_start, load_data, load_policy, train
+    from saliency_r1.data.sets import load_data
+    from saliency_r1.grpo.cold_start import export_cold_start
+    from saliency_r1.grpo.loop import train
+    from saliency_r1.models import load_policy
 
     parser = build_parser(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="GRPO seeds (one pair each).")
@@ -95,13 +98,14 @@ def naming_lever(cfg, model, processor, held_out, count: int = 48) -> dict[str, 
     and of ones naming the next object instead, per saliency path."""
     import torch
 
+    from saliency_r1.adapters import get_adapter
     from saliency_r1.data.synthetic import worked_completion
-    from saliency_r1.explain import saliency_for_completions
-    from saliency_r1.grpo.loop import prompt_inputs, system_prompt
-    from saliency_r1.rewards import saliency_rewards
+    from saliency_r1.prompts import prompt_inputs, system_prompt_or_default
+    from saliency_r1.rewards import saliency_in_box
+    from saliency_r1.saliency import saliency_for_completions
 
     examples = [held_out[i] for i in range(min(count, len(held_out)))]
-    inputs = prompt_inputs(processor, examples, system_prompt(cfg))
+    inputs = prompt_inputs(processor, get_adapter(model), examples, system_prompt_or_default(cfg.system_prompt))
     eos = processor.tokenizer.eos_token_id
     lever = {}
     for path in ("cot", "direct"):
@@ -110,8 +114,8 @@ def naming_lever(cfg, model, processor, held_out, count: int = 48) -> dict[str, 
             texts = [worked_completion(e, (e["target_index"] + shift) % len(e["objects"])) for e in examples]
             ids = [torch.tensor(processor.tokenizer(t, add_special_tokens=False)["input_ids"] + [eos]) for t in texts]
             rollout = saliency_for_completions(model, processor, inputs, ids, path=path)
-            rewards = saliency_rewards(rollout.maps, [e["bbox"] for e in examples], [e["image"] for e in examples],
-                                       rollout.valid)
+            rewards = saliency_in_box([m[0] for m in rollout.maps], [e["bbox"] for e in examples],
+                                      [(e["image"].height, e["image"].width) for e in examples], rollout.valid)
             means.append(rewards.mean().item())
         lever[path] = tuple(means)
     return lever
@@ -124,8 +128,10 @@ def sampled_lever(cfg, model, processor, held_out, count: int = 64,
     first (the target, another object of the image, or a colour not in it)."""
     import torch
 
-    from saliency_r1.explain import generate_with_saliency
-    from saliency_r1.grpo.loop import prompt_inputs, score, system_prompt
+    from saliency_r1.adapters import get_adapter
+    from saliency_r1.grpo.scores import score_rollouts
+    from saliency_r1.prompts import prompt_inputs, system_prompt_or_default
+    from saliency_r1.saliency import generate_with_saliency
 
     examples = [held_out[i] for i in range(min(count, len(held_out)))]
     torch.manual_seed(cfg.seed)
@@ -136,11 +142,12 @@ def sampled_lever(cfg, model, processor, held_out, count: int = 64,
         groups: dict[str, list[float]] = {"target": [], "other": [], "absent": []}
         for start in range(0, len(examples), 8):
             batch = examples[start:start + 8]
-            inputs = prompt_inputs(processor, batch, system_prompt(cfg), repeat=repeat)
+            inputs = prompt_inputs(processor, get_adapter(model), batch, system_prompt_or_default(cfg.system_prompt),
+                                   repeat=repeat)
             rollout = generate_with_saliency(model, processor, inputs, path=cfg.saliency_path,
                                              max_new_tokens=cfg.max_completion_length, **sampling)
             repeated = [e for e in batch for _ in range(repeat)]
-            rewards = score(rollout, repeated, [])["saliency"].tolist()
+            rewards = score_rollouts(rollout, repeated, [])["saliency"].tolist()
             for text, example, reward in zip(rollout.texts, repeated, rewards):
                 words = text.split("<think>")[-1].split("</think>")[0].split()
                 colours = [obj[0] for obj in example["objects"]]

@@ -4,7 +4,7 @@ Same model, prompts and completions in all three runs: every rollout is steered 
 well-formed completion (a long think, a short tagged answer) by a logits processor, so that the
 saliency work is real and every run generates the same number of tokens.
 
-- ours: :func:`saliency_r1.explain.generate_with_saliency` (capture during ``generate``, then one
+- ours: :func:`saliency_r1.saliency.generate_with_saliency` (capture during ``generate``, then one
   ``layer_saliency`` call per layer for the batch);
 - plain: ``model.generate`` with SDPA (time and peak-memory goals: at most +5 % and +10 %);
 - public: eager attention with ``output_attentions=True`` during ``generate`` (what the Saliency-R1 code
@@ -30,7 +30,7 @@ from common import (GENERATION_DEVICES, QWEN2_5_VL_3B_TEXT_MODEL, SMALL_TEXT_MOD
                     measure_peak_memory, one_cpu_thread, peak_tensor_bytes, report, scripted_completions,
                     time_median)
 from saliency_r1.capture import text_attention
-from saliency_r1.explain import generate_with_saliency
+from saliency_r1.saliency import generate_with_saliency
 from saliency_r1.tiny import build_tiny_model, build_tiny_processor
 
 CONFIGS = {

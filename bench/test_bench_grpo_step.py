@@ -7,7 +7,7 @@ Every rollout is steered along its own scripted, well-formed completion (a long 
 answer) by a logits processor, so that the saliency work is real, the rewards differ within the group,
 and both steps train on the same tokens.
 
-- ours: rollouts through :func:`saliency_r1.explain.generate_with_saliency`, rewards format,
+- ours: rollouts through :func:`saliency_r1.saliency.generate_with_saliency`, rewards format,
   accuracy and saliency (``torch.ops.saliency.reward``);
 - baseline: plain ``generate``, rewards format and accuracy.
 
@@ -28,12 +28,15 @@ from transformers import LogitsProcessorList
 
 from common import (GENERATION_DEVICES, QWEN2_5_VL_3B_TEXT_MODEL, SMALL_TEXT_MODEL, ScriptedRows,
                     measure_peak_memory, one_cpu_thread, peak_tensor_bytes, report, scripted_completions)
-from saliency_r1.explain import generate_with_saliency
+from saliency_r1.adapters import get_adapter
 from saliency_r1.grpo.config import TrainConfig
-from saliency_r1.grpo.loop import (completion_logps, image_rows, pad_completions, prompt_inputs, score, select,
-                                   system_prompt, with_lora)
 from saliency_r1.grpo.loss import group_advantages, policy_loss
+from saliency_r1.grpo.scores import score_rollouts
+from saliency_r1.logps import completion_logps, pad_completions
+from saliency_r1.models import with_lora
+from saliency_r1.prompts import SYSTEM_PROMPT, image_rows, prompt_inputs, select_rows
 from saliency_r1.rewards import accuracy_reward, format_reward
+from saliency_r1.saliency import generate_with_saliency
 from saliency_r1.tiny import build_tiny_model, build_tiny_processor
 
 CONFIGS = {
@@ -57,7 +60,8 @@ def _setup(device: str):
     image = Image.fromarray(rng.integers(0, 256, size=(bench["image"], bench["image"], 3), dtype=np.uint8))
     example = {"image": image, "problem": "What colour is the circle?", "solution": "red",
                "bbox": "[0.1000,0.2000,0.4500,0.6000]"}
-    inputs = prompt_inputs(processor, [example], system_prompt(cfg), repeat=cfg.num_generations).to(device)
+    inputs = prompt_inputs(processor, get_adapter(model), [example], SYSTEM_PROMPT,
+                           repeat=cfg.num_generations).to(device)
     scripts = scripted_completions(processor.tokenizer, cfg.num_generations, cfg.max_completion_length, " red ")
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-5)
     return cfg, processor, policy, optimizer, inputs, [example] * cfg.num_generations, scripts
@@ -91,7 +95,7 @@ def _grpo_step(cfg, processor, policy, optimizer, inputs, examples, scripts, *, 
     if saliency:
         clock["generation"] = rollout.timings["generate"]
         clock["saliency"] = clock["rollout"] - clock["generation"]
-        rewards = score(rollout, examples, [])
+        rewards = score_rollouts(rollout, examples, [])
     else:
         texts = processor.tokenizer.batch_decode(completions)
         solutions = [e["solution"] for e in examples]
@@ -106,7 +110,7 @@ def _grpo_step(cfg, processor, policy, optimizer, inputs, examples, scripts, *, 
     for first in range(0, len(examples), cfg.micro_batch_size):
         rows = list(range(first, min(first + cfg.micro_batch_size, len(examples))))
         with autocast:
-            logps = completion_logps(policy, select(inputs, rows, pixel_rows), completion_ids[rows], mask[rows],
+            logps = completion_logps(policy, select_rows(inputs, rows, pixel_rows), completion_ids[rows], mask[rows],
                                      cfg.temperature)
             loss, _ = policy_loss(logps, logps.detach(), advantages[rows], mask[rows])
         (loss * len(rows) / len(examples)).backward()

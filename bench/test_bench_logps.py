@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from common import measure_peak_memory, report, time_median
-from saliency_r1.grpo.loop import token_logps
+from saliency_r1.logps import token_logps
 
 VOCAB = 151_936
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

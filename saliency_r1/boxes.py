@@ -1,8 +1,8 @@
-"""Boxes in the data's normalised form, converted and packed for ``saliency_r1.ops.reward``.
+"""Boxes in the data's normalised form, parsed, converted to pixels and packed for ``saliency_r1.ops.reward``.
 
 The Saliency-R1 data gives each evidence box as ``[x1, y1, x2, y2]`` in ``[0, 1]`` (fractions of the
 image width and height), often as a string such as ``"[0.12,0.30,0.55,0.81]"``. The op takes inclusive
-integer pixel ranges; SPEC.md section 4 fixes the conversion for an ``H x W`` image:
+integer pixel ranges; ``docs/method.md`` section 4 fixes the conversion for an ``H x W`` image:
 
     x_lo = floor(W * x1),  y_lo = floor(H * y1),  x_hi = floor(W * x2),  y_hi = floor(H * y2)
 
@@ -21,8 +21,6 @@ from collections.abc import Sequence
 import numpy as np
 
 import torch
-
-from saliency_r1.ops import reward
 
 Box = tuple[float, float, float, float]
 PixelBox = tuple[int, int, int, int]
@@ -107,7 +105,7 @@ def to_pixel_box(box, image_size: tuple[int, int]) -> PixelBox:
     >>> to_pixel_box([0, 0, 1, 1], (100, 200))  # x_hi = W lies past the image; the op clamps it
     (0, 0, 200, 100)
     """
-    return _to_pixels(parse_box(box), _image_size(image_size, "image_size"))
+    return _to_pixels(parse_box(box), image_size_pair(image_size, "image_size"))
 
 
 def _to_pixels(box: Box, image_size: tuple[int, int]) -> PixelBox:
@@ -116,7 +114,8 @@ def _to_pixels(box: Box, image_size: tuple[int, int]) -> PixelBox:
     return math.floor(width * x1), math.floor(height * y1), math.floor(width * x2), math.floor(height * y2)
 
 
-def _image_size(size, name: str) -> tuple[int, int]:
+def image_size_pair(size, name: str) -> tuple[int, int]:
+    """``size`` as ``(H, W)``, two positive integers; ``name`` is the argument named in the error."""
     if isinstance(size, torch.Tensor):
         size = size.tolist()
     if not isinstance(size, (list, tuple)) or len(size) != 2 or not all(
@@ -148,7 +147,7 @@ def pack_boxes(boxes: Sequence, image_sizes: Sequence, device: torch.device | st
         raise ValueError(f"boxes has {len(boxes)} entries but image_sizes has {len(image_sizes)}")
     pixel = []
     for b, (entry, size) in enumerate(zip(boxes, image_sizes)):
-        size = _image_size(size, f"image_sizes[{b}]")
+        size = image_size_pair(size, f"image_sizes[{b}]")
         pixel.append([_to_pixels(box, size) for box in parse_boxes(entry)])
     k_max = max((len(p) for p in pixel), default=0)
     padded = [p + [(0, 0, 0, 0)] * (k_max - len(p)) for p in pixel]
@@ -157,78 +156,4 @@ def pack_boxes(boxes: Sequence, image_sizes: Sequence, device: torch.device | st
     return packed.to(device), counts.to(device)
 
 
-def pack_maps(maps: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Maps of different sizes, zero-padded into the op's ``maps`` and ``map_sizes``.
-
-    Args:
-        maps: ``B`` tensors ``[h'_b, w'_b]`` on one device (their dtypes are promoted to a common one).
-
-    Returns:
-        ``maps`` ``[B, max h', max w']`` and ``map_sizes`` int64 ``[B, 2]``, on the maps' device.
-
-    >>> packed, sizes = pack_maps([torch.ones(2, 3), torch.ones(1, 1)])
-    >>> packed.shape, sizes.tolist()
-    (torch.Size([2, 2, 3]), [[2, 3], [1, 1]])
-    """
-    if len(maps) == 0:
-        raise ValueError("maps is empty: need at least one [h', w'] map")
-    grids = [torch.as_tensor(m) for m in maps]
-    for b, grid in enumerate(grids):
-        if grid.dim() != 2 or grid.numel() == 0:
-            raise ValueError(f"maps[{b}] must be a non-empty [h', w'] map, got shape {tuple(grid.shape)}")
-        if not grid.dtype.is_floating_point:
-            raise TypeError(f"maps[{b}] must be floating point, got {grid.dtype}")
-        if grid.device != grids[0].device:
-            raise ValueError(f"maps[{b}] is on {grid.device}, maps[0] on {grids[0].device}: put them on one device")
-    dtype = grids[0].dtype
-    for grid in grids[1:]:
-        dtype = torch.promote_types(dtype, grid.dtype)
-    h_max = max(g.shape[0] for g in grids)
-    w_max = max(g.shape[1] for g in grids)
-    # Padding each small map and stacking: one zero-fill of the whole batch would be a multi-threaded
-    # kernel, whose start-up costs more than the copy on a busy machine.
-    packed = torch.stack([torch.nn.functional.pad(g.to(dtype), (0, w_max - g.shape[1], 0, h_max - g.shape[0]))
-                          for g in grids])
-    sizes = torch.tensor([list(g.shape) for g in grids], dtype=torch.int64, device=packed.device)
-    return packed, sizes
-
-
-def saliency_reward(maps: Sequence[torch.Tensor], boxes: Sequence, image_sizes: Sequence,
-                    valid: Sequence[float] | torch.Tensor | None = None) -> torch.Tensor:
-    """The saliency reward of ``B`` rollouts from their maps and normalised boxes (SPEC.md section 4).
-
-    Args:
-        maps: ``B`` raw saliency maps ``[h'_b, w'_b]`` (relu is applied inside), on one device.
-        boxes: ``B`` entries, each one normalised box or a list of them (strings such as
-            ``"[0.12,0.30,0.55,0.81]"``, or lists/tuples of four numbers).
-        image_sizes: ``B`` pairs ``(H, W)`` in pixels.
-        valid: ``B`` format validities (multipliers, usually 0 or 1); default all 1.
-
-    Returns:
-        float32 ``[B]`` on the maps' device: ``valid * mass of the upsampled map inside the union of
-        the boxes / total mass``, 0 where the mass is 0 or there is no box.
-
-    >>> grid = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
-    >>> saliency_reward([grid], ["[0.5,0.0,1.0,1.0]"], [(4, 4)]).tolist()
-    [0.875]
-    >>> saliency_reward([grid, grid], ["[0.0,0.0,0.4,1.0]", []], [(4, 4), (4, 4)], valid=[1.0, 1.0]).tolist()
-    [0.125, 0.0]
-    """
-    packed, map_sizes = pack_maps(maps)
-    if len(boxes) != len(maps) or len(image_sizes) != len(maps):
-        raise ValueError(f"maps, boxes and image_sizes must have one entry per rollout, got {len(maps)}, "
-                         f"{len(boxes)} and {len(image_sizes)}")
-    device = packed.device
-    pixel, counts = pack_boxes(boxes, image_sizes, device)
-    sizes = torch.tensor([list(_image_size(s, f"image_sizes[{b}]")) for b, s in enumerate(image_sizes)],
-                         dtype=torch.int64, device=device)
-    if valid is None:
-        valid_t = torch.ones(len(maps), dtype=torch.float32, device=device)
-    else:
-        valid_t = torch.as_tensor(valid, dtype=torch.float32).to(device)
-        if valid_t.shape != (len(maps),):
-            raise ValueError(f"valid must hold one value per rollout ({len(maps)}), got shape {tuple(valid_t.shape)}")
-    return reward(packed, map_sizes, sizes, pixel, counts, valid_t)
-
-
-__all__ = ["pack_boxes", "pack_maps", "parse_box", "parse_boxes", "saliency_reward", "to_pixel_box"]
+__all__ = ["image_size_pair", "pack_boxes", "parse_box", "parse_boxes", "to_pixel_box"]

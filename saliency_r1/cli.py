@@ -16,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+TRACKER_NAMES = {"tensorboard": "TensorBoard", "wandb": "W&B run"}
+
 
 def _train(args: argparse.Namespace) -> int:
     from saliency_r1.grpo.config import config_from_args
@@ -27,8 +29,8 @@ def _train(args: argparse.Namespace) -> int:
 
     if PartialState().is_main_process:
         print(f"logs (JSONL):      {result.log_path}")
-        if "tensorboard" in cfg.report_to:
-            print(f"TensorBoard:       {Path(cfg.output_dir) / 'saliency-r1'}")
+        for tracker, directory in result.tracker_dirs.items():
+            print(f"{TRACKER_NAMES[tracker] + ':':<19}{directory}")
         print(f"reward curves:     {result.plot_path}")
         print(f"final checkpoint:  {result.checkpoint}")
         for step, metrics in sorted(result.evaluations.items()):
@@ -38,19 +40,22 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from saliency_r1.data.sets import load_data
     from saliency_r1.evaluate import evaluate
-    from saliency_r1.grpo.loop import load_data, load_trained, system_prompt
+    from saliency_r1.grpo.checkpoint import load_trained
+    from saliency_r1.prompts import system_prompt_or_default
 
     model, processor, cfg = load_trained(args.checkpoint)
     if args.data:
-        from saliency_r1.data import load_saliency_data
+        from saliency_r1.data.loader import load_saliency_data
 
         dataset = load_saliency_data(args.data, max_image_side=cfg.max_image_side)
     else:
         _, dataset = load_data(cfg)
         if dataset is None:
             raise SystemExit("this run had no held-out data: pass --data")
-    metrics = evaluate(model, processor, dataset, system_prompt=system_prompt(cfg), limit=args.limit,
+    metrics = evaluate(model, processor, dataset, system_prompt=system_prompt_or_default(cfg.system_prompt),
+                       limit=args.limit,
                        max_new_tokens=cfg.max_completion_length, path=cfg.saliency_path,
                        bf16=cfg.uses_bf16(next(model.parameters()).device.type))
     print(json.dumps(metrics, indent=2))
@@ -63,11 +68,11 @@ def _explain(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from saliency_r1.explain import explain
-    from saliency_r1.grpo.loop import load_trained, system_prompt
+    from saliency_r1.grpo.checkpoint import load_trained
 
     model, processor, cfg = load_trained(args.checkpoint)
     image = Image.open(args.image).convert("RGB")
-    result = explain(model, processor, image, args.question, boxes=args.box, system_prompt=system_prompt(cfg),
+    result = explain(model, processor, image, args.question, boxes=args.box, system_prompt=cfg.system_prompt,
                      path=cfg.saliency_path, max_new_tokens=cfg.max_completion_length)
     print(result.text)
     print("valid:", result.valid, "| think:", "".join(result.think_tokens), "| answer:", "".join(result.answer_tokens))
@@ -103,8 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return {"train": _train, "evaluate": _evaluate, "explain": _explain}[args.command](args)
+    from saliency_r1.grpo.config import ConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return {"train": _train, "evaluate": _evaluate, "explain": _explain}[args.command](args)
+    except ConfigError as error:  # a value that cannot work: a usage error, not a traceback
+        parser.exit(2, f"saliency-r1 {args.command}: error: {error}\n")
 
 
 if __name__ == "__main__":

@@ -1,106 +1,20 @@
-"""From rollouts to saliency maps, and one call that explains an answer.
-
-Three entry points, from the lowest level up:
-
-- :func:`saliency_from_capture`: given what a :func:`~saliency_r1.capture.capture_saliency` block recorded
-  and the cache the model returned, the maps of every rollout (for a training loop that runs its own
-  forward);
-- :func:`generate_with_saliency` (capture during ``generate``) and :func:`saliency_for_completions`
-  (one teacher-forced forward over completions generated elsewhere: vLLM, a file); both return a
-  :class:`RolloutSaliency`;
-- :func:`explain`: image(s) and a question in, an :class:`Explanation` out (completion, spans, maps,
-  and the saliency reward when boxes are given).
-
-The maps are SPEC.md section 3's ``S(i)``: summed over layers (one batched ``layer_saliency`` call per
-layer for all rollouts), heads and answer positions, raw (``relu`` is for display and is applied by the
-reward op itself), one ``[h', w']`` map per image on the processor's resized grid.
-"""
+"""One call that explains an answer: image(s) and a question in, an :class:`Explanation` out (the
+completion, its spans, the maps, the per-token maps and the saliency reward when boxes are given).
+The maps come from the engine, :mod:`saliency_r1.saliency`."""
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from saliency_r1.adapters import ModelAdapter, get_adapter
-from saliency_r1.capture import CapturedRows, capture_saliency
-from saliency_r1.ops import layer_saliency
-from saliency_r1.projection import answer_logit_directions, project_answer_vectors
-from saliency_r1.spans import Spans, end_of_turn_ids, find_spans, trim_completion
+from saliency_r1.saliency import RolloutSaliency, generate_with_saliency
+from saliency_r1.spans import Spans
 
-_PATHS = ("cot", "direct", "both")
-
-__all__ = ["Explanation", "RolloutSaliency", "explain", "generate_with_saliency", "saliency_for_completions",
-           "saliency_from_capture"]
-
-
-@dataclass
-class RolloutSaliency:
-    """Saliency of a batch of rollouts (``B`` of them; ``P`` prompt positions, ``C`` completion positions).
-
-    Maps are float32 (float64 for a float64 model) on each image's merged grid ``(h', w')``.
-
-    Attributes:
-        sequences: ``[B, P + C]`` prompt (left-padded) then completion (right-padded).
-        prompt_length: ``P``.
-        completion_ids: per rollout, its completion up to and including the end-of-turn token, no padding.
-        texts: decoded completions, special tokens kept (``<think>`` etc.).
-        valid: float32 ``[B]`` on the sequences' device, 1.0 where the think/answer structure is well formed.
-        maps: per rollout, per image: the raw answer map ``S`` as ``[h', w']`` (zeros if invalid).
-        spans: per rollout, its :class:`~saliency_r1.spans.Spans` (completion-token indices).
-        image_grids: per rollout, each image's ``(h', w')``.
-        answer_token_maps: per rollout, per image: ``[A_b, h', w']``, ``S(a, i)`` of each answer token
-            (``maps`` is their sum over ``a``).
-        think_token_maps: with ``details``: per rollout, per image, ``[T_b, h', w']``: attention of each
-            think token's row on the image, ``sum over l, h of alpha(t -> i)``; else ``None``.
-        think_token_logit_maps: with ``details``: per rollout, per image, ``[T_b, h', w']``: the
-            logit-decomposed direct map of each think row for the token it predicted (the next
-            completion token); else ``None``.
-        answer_to_think: with ``details``: per rollout, ``[A_b, T_b]``, ``sum over l, h of alpha(a -> t)``:
-            which reasoning tokens each answer token read; else ``None``.
-        path: the op path used (``"cot"``, ``"direct"`` or ``"both"``).
-        timings: seconds: ``"generate"`` or ``"forward"`` (the model run with capture) and ``"saliency"``.
-        captured_bytes: bytes the capture held (queries, LSEs, RMS).
-    """
-
-    sequences: torch.LongTensor
-    prompt_length: int
-    completion_ids: list[torch.Tensor]
-    texts: list[str]
-    valid: torch.Tensor
-    maps: list[list[torch.Tensor]]
-    spans: list[Spans]
-    image_grids: list[list[tuple[int, int]]]
-    answer_token_maps: list[list[torch.Tensor]]
-    think_token_maps: list[list[torch.Tensor]] | None = None
-    think_token_logit_maps: list[list[torch.Tensor]] | None = None
-    answer_to_think: list[torch.Tensor] | None = None
-    path: str = "cot"
-    timings: dict[str, float] = field(default_factory=dict)
-    captured_bytes: int = 0
-
-    def display_maps(self) -> list[list[torch.Tensor]]:
-        """``relu`` of :attr:`maps` (what a person looks at; the reward op applies ``relu`` itself)."""
-        return [[m.clamp(min=0) for m in per_image] for per_image in self.maps]
-
-    def reward(self, boxes: Sequence, image_sizes: Sequence) -> torch.Tensor:
-        """The saliency reward of every rollout (SPEC.md section 4) on its first image's map, times ``valid``.
-
-        Args:
-            boxes: per rollout, its normalised box(es) (any form ``saliency_r1.boxes.parse_boxes`` takes).
-            image_sizes: per rollout, the ORIGINAL image's ``(H, W)`` in pixels (the map is stretched over it).
-
-        Returns:
-            float32 ``[B]``.
-        """
-        from saliency_r1.boxes import saliency_reward
-
-        if any(not per_image for per_image in self.maps):
-            raise ValueError("a rollout has no image map: the saliency reward needs an image in every prompt")
-        return saliency_reward([per_image[0] for per_image in self.maps], boxes, image_sizes, valid=self.valid)
+__all__ = ["Explanation", "explain"]
 
 
 @dataclass
@@ -137,330 +51,6 @@ class Explanation:
         return [m.clamp(min=0) for m in self.maps]
 
 
-# ---------------------------------------------------------------------------------------- helpers
-
-
-def _tokenizer(processor):
-    return getattr(processor, "tokenizer", processor)
-
-
-def _model_cache(output):
-    """The cache a generate/forward output returned (``cache`` in transformers >= 5.2x, else ``past_key_values``)."""
-    cache = output.get("cache") if hasattr(output, "get") else None
-    if cache is None:
-        cache = output.get("past_key_values") if hasattr(output, "get") else None
-    if cache is None:
-        raise RuntimeError("the model returned no cache: run it with use_cache=True (the saliency reads keys "
-                           "and values from the cache)")
-    return cache
-
-
-def _layer_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values ``[B, H_kv, S, d]`` of one layer of a transformers cache."""
-    if hasattr(cache, "layers"):
-        return cache.layers[layer].keys, cache.layers[layer].values
-    return cache[layer][0], cache[layer][1]
-
-
-def _split_images(adapter: ModelAdapter, prompt_ids: torch.Tensor, image_grid_thw: torch.Tensor | None,
-                  batch: int) -> tuple[list[torch.Tensor], list[list[tuple[int, int]]]]:
-    """Per rollout: its image-token positions and each image's grid. ``prompt_ids`` is ``[B_in, P]``; rows
-    of a batch of ``batch = B_in * n`` rollouts (``num_return_sequences = n``) repeat each prompt ``n`` times."""
-    positions = adapter.image_positions(prompt_ids)
-    grids = adapter.image_grids(image_grid_thw) if image_grid_thw is not None else []
-    per_prompt, next_grid = [], 0
-    for row, pos in enumerate(positions):
-        row_grids, count = [], 0
-        while count < pos.numel():
-            if next_grid >= len(grids):
-                raise ValueError(f"prompt {row} has {pos.numel()} image tokens but image_grid_thw runs out of "
-                                 "images: pass the image_grid_thw the processor returned with these input_ids")
-            h, w = grids[next_grid]
-            row_grids.append((h, w))
-            count += h * w
-            next_grid += 1
-        if count != pos.numel():
-            raise ValueError(f"prompt {row} has {pos.numel()} image tokens, which image_grid_thw does not split "
-                             "into whole images")
-        per_prompt.append(row_grids)
-    if next_grid != len(grids):
-        raise ValueError(f"image_grid_thw has {len(grids)} images but the prompts hold {next_grid}")
-    if batch % len(positions):
-        raise ValueError(f"{batch} rollouts are not a whole number of copies of the {len(positions)} prompts")
-    repeat = batch // len(positions)
-    return ([p for p in positions for _ in range(repeat)], [g for g in per_prompt for _ in range(repeat)])
-
-
-def _pad_index(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded int64 ``[B, max(max_len, 1)]`` (padding 0) and the lengths ``[B]``; at least one column,
-    so that a batch without any answer (or think) token still gives the op well-formed, all-padding inputs."""
-    width = max([len(r) for r in rows] + [1])
-    out = torch.zeros(len(rows), width, dtype=torch.long)
-    for b, r in enumerate(rows):
-        out[b, :len(r)] = torch.as_tensor(r, dtype=torch.long)
-    return out.to(device), torch.tensor([len(r) for r in rows], dtype=torch.long, device=device)
-
-
-class _RowTaker:
-    """``x[b, :, index[b, j]]`` for ``x`` of ``[B, H, R]`` or ``[B, H, R, d]`` and ``index [B, J]``, as one
-    ``index_select`` over ``x``'s rows: 10x faster on CPU than ``gather`` with an expanded index (a layer's
-    image keys, ``[4, 2, 256, 32]`` of 340 positions: 31 us against 313 us), which made up a quarter of the
-    saliency's time in the CPU benchmark. The flat row index depends only on ``(H, R)``: built once per
-    shape, it serves every layer."""
-
-    def __init__(self, index: torch.Tensor) -> None:
-        self.index = index
-        self._flat: dict[tuple[int, int], torch.Tensor] = {}
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        batch, heads, rows = x.shape[:3]
-        flat = self._flat.get((heads, rows))
-        if flat is None:
-            base = torch.arange(batch * heads, device=x.device).view(batch, heads, 1) * rows
-            flat = self._flat[heads, rows] = (base + self.index[:, None, :]).reshape(-1)
-        taken = x.reshape(batch * heads * rows, -1).index_select(0, flat)
-        return taken.view(batch, heads, self.index.shape[1], *x.shape[3:])
-
-
-def _alpha_head_sum(q: torch.Tensor, lse: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """``sum over h of exp(s q[h] . k[kv(h)] - lse[h])``: ``q [B, H, R, d]``, ``lse [B, H, R]``,
-    ``k [B, H_kv, M, d]`` -> ``[B, R, M]`` in ``lse``'s dtype."""
-    batch, heads, rows, dim = q.shape
-    kv_heads = k.shape[1]
-    groups = heads // kv_heads
-    dtype = lse.dtype
-    scores = torch.matmul(q.to(dtype).reshape(batch, kv_heads, groups * rows, dim), k.to(dtype).transpose(-1, -2))
-    scores = scores.view(batch, heads, rows, -1) * scale
-    return torch.exp(scores - lse.unsqueeze(-1)).sum(1)
-
-
-def _per_image(values: torch.Tensor, grids: list[tuple[int, int]]) -> list[torch.Tensor]:
-    """Split the last axis (a rollout's image tokens, images one after another) into ``[..., h', w']`` per image."""
-    out, start = [], 0
-    for h, w in grids:
-        out.append(values[..., start:start + h * w].reshape(*values.shape[:-1], h, w))
-        start += h * w
-    return out
-
-
-# ---------------------------------------------------------------------------------------- core
-
-
-@torch.no_grad()
-def saliency_from_capture(model: nn.Module, processor, captured: CapturedRows, cache, sequences: torch.Tensor,
-                          prompt_length: int, prompt_ids: torch.Tensor, image_grid_thw: torch.Tensor | None, *,
-                          adapter: ModelAdapter | None = None, path: str = "cot", details: bool = False,
-                          completion_ids: Sequence[Sequence[int] | torch.Tensor] | None = None) -> RolloutSaliency:
-    """Maps of every rollout from a capture and the cache of the same model run.
-
-    Args:
-        model: the model that ran.
-        processor: its processor (or tokenizer): used to find spans and decode completions.
-        captured: ``capture.result()`` of a :func:`capture_saliency` block with ``first_row = P - 1``.
-        cache: the cache the run returned (``output.cache`` / ``output.past_key_values``), ``[B, H_kv, S, d]``
-            per layer.
-        sequences: ``[B, P + C]`` prompt then completion.
-        prompt_length: ``P``.
-        prompt_ids: ``[B_in, P]`` the prompts' ids as given to the processor's output (``B`` is a multiple of
-            ``B_in``: ``num_return_sequences`` copies of each prompt, adjacent).
-        image_grid_thw: ``[num_images, 3]`` of those prompts (``None`` without images).
-        adapter: defaults to ``get_adapter(model)``.
-        path: ``"cot"`` (SPEC's default), ``"direct"`` or ``"both"``.
-        details: also compute the per-think-token maps and the answer-to-think weights.
-        completion_ids: per rollout completion ids; default ``sequences[:, P:]`` trimmed at end-of-turn.
-
-    Returns:
-        :class:`RolloutSaliency` (``timings`` holds ``"saliency"``).
-    """
-    if path not in _PATHS:
-        raise ValueError(f"path must be one of {_PATHS}, got {path!r}")
-    started = time.perf_counter()
-    adapter = adapter or get_adapter(model)
-    tokenizer = _tokenizer(processor)
-    batch, P = sequences.shape[0], prompt_length
-    if captured.first_row != P - 1:
-        raise ValueError(f"the capture starts at row {captured.first_row}, expected prompt_length - 1 = {P - 1}")
-    stops = end_of_turn_ids(tokenizer)
-    if completion_ids is None:
-        completion_ids = [trim_completion(sequences[b, P:], stops) for b in range(batch)]
-    completions = [torch.as_tensor(list(c) if not isinstance(c, torch.Tensor) else c.tolist(), dtype=torch.long)
-                   for c in completion_ids]
-    spans = [find_spans(c, tokenizer, stop_ids=stops) for c in completions]
-    texts = tokenizer.batch_decode([c.tolist() for c in completions], skip_special_tokens=False,
-                                   clean_up_tokenization_spaces=False)
-    image_pos, grids = _split_images(adapter, prompt_ids, image_grid_thw, batch)
-
-    rows = captured.num_rows
-    device = captured.rms.device
-    for b, s in enumerate(spans):  # every index the op will read must have been recorded
-        if s.valid and (max(s.answer) >= rows or (s.think and max(s.think) + 1 >= rows)):
-            raise ValueError(f"rollout {b}: its spans reach completion token {max(s.answer + s.think)}, but the "
-                             f"capture recorded {rows} rows")
-    valid = [s.valid for s in spans]
-    answer_rows, answer_len = _pad_index([s.answer if s.valid else [] for s in spans], device)
-    think_rows, think_len = _pad_index([[k + 1 for k in s.think] if s.valid else [] for s in spans], device)
-    image_index, image_len = _pad_index([p.tolist() for p in image_pos], device)
-    answer_ids = torch.stack([torch.cat([completions[b][answer_rows[b, :answer_len[b]].cpu()],
-                                         torch.zeros(answer_rows.shape[1] - int(answer_len[b]), dtype=torch.long)])
-                              for b in range(batch)]).to(device)
-    think_pos = think_rows + (P - 1)  # think row r (= k + 1) is position P - 1 + r = P + k
-    lengths = torch.stack([image_len, think_len, answer_len], dim=1)
-
-    # The projections and attention probabilities below are float32 (float64) work: a caller's bf16
-    # autocast (the training loop's, evaluation's) would run their matmuls in bf16.
-    with torch.autocast(device.type, enabled=False):
-        # g_a once per batch; u = W_O[l,h]^T g_a per layer.
-        rms_answer = captured.rms.gather(1, answer_rows)
-        g = answer_logit_directions(adapter.norm_weight, adapter.unembedding, answer_ids, rms_answer)
-        if details:
-            # The think row r predicted completion token r: its own "answer" for the logit-decomposed map.
-            predicted = torch.stack([torch.cat([completions[b][think_rows[b, :think_len[b]].cpu()],
-                                                torch.zeros(think_rows.shape[1] - int(think_len[b]), dtype=torch.long)])
-                                     for b in range(batch)]).to(device)
-            g_think = answer_logit_directions(adapter.norm_weight, adapter.unembedding, predicted,
-                                              captured.rms.gather(1, think_rows))
-            think_lengths = torch.stack([image_len, think_len, think_len], dim=1)
-        take_answer, take_think = _RowTaker(answer_rows), _RowTaker(think_rows)
-        take_think_key, take_image = _RowTaker(think_pos), _RowTaker(image_index)
-        scale = adapter.scale
-        total = think_image = think_logit = answer_think = None
-        for layer in range(adapter.num_layers):
-            keys, values = _layer_kv(cache, layer)
-            q, lse = captured.queries[layer], captured.lse[layer]
-            q_answer, lse_answer = take_answer(q), take_answer(lse)
-            q_think, lse_think = take_think(q), take_think(lse)
-            # Under autocast the rotary embedding promotes q and k to fp32 while v stays bf16: the op
-            # takes one dtype, the queries'.
-            k_think = take_think_key(keys).to(q.dtype)
-            k_image, v_image = take_image(keys).to(q.dtype), take_image(values).to(q.dtype)
-            o_proj = adapter.o_proj_weight(layer)
-            u = project_answer_vectors(g, o_proj, adapter.num_heads).to(q.dtype)
-            s_layer = layer_saliency(q_think, lse_think, q_answer, lse_answer, k_think, k_image, v_image, u,
-                                     lengths, scale, path)
-            total = s_layer if total is None else total + s_layer
-            if details:
-                u_think = project_answer_vectors(g_think, o_proj, adapter.num_heads).to(q.dtype)
-                layer_logit = layer_saliency(q_think, lse_think, q_think, lse_think, k_think, k_image, v_image, u_think,
-                                             think_lengths, scale, "direct")
-                layer_image = _alpha_head_sum(q_think, lse_think, k_image, scale)
-                layer_think = _alpha_head_sum(q_answer, lse_answer, k_think, scale)
-                think_logit = layer_logit if think_logit is None else think_logit + layer_logit
-                think_image = layer_image if think_image is None else think_image + layer_image
-                answer_think = layer_think if answer_think is None else answer_think + layer_think
-
-        maps, answer_maps = [], []
-        think_maps = [] if details else None
-        think_logit_maps = [] if details else None
-        answer_to_think = [] if details else None
-        for b in range(batch):
-            n, t, a = (int(x) for x in lengths[b])
-            per_token = total[b, :a, :n]
-            answer_maps.append(_per_image(per_token, grids[b]))
-            maps.append(_per_image(per_token.sum(0), grids[b]))
-            if details:
-                think_maps.append(_per_image(think_image[b, :t, :n].to(total.dtype), grids[b]))
-                think_logit_maps.append(_per_image(think_logit[b, :t, :n], grids[b]))
-                answer_to_think.append(answer_think[b, :a, :t].to(total.dtype))
-    return RolloutSaliency(
-        sequences=sequences, prompt_length=P, completion_ids=completions, texts=texts, maps=maps, spans=spans,
-        valid=torch.tensor(valid, dtype=torch.float32, device=sequences.device), image_grids=grids,
-        answer_token_maps=answer_maps, think_token_maps=think_maps, think_token_logit_maps=think_logit_maps,
-        answer_to_think=answer_to_think, path=path, timings={"saliency": time.perf_counter() - started},
-        captured_bytes=captured.nbytes())
-
-
-def generate_with_saliency(model: nn.Module, processor, inputs, *, adapter: ModelAdapter | None = None,
-                           path: str = "cot", details: bool = False, **generate_kwargs) -> RolloutSaliency:
-    """``model.generate(**inputs, **generate_kwargs)`` with capture, then the maps of every rollout.
-
-    Args:
-        model: a model served by an adapter (Qwen2-VL, Qwen2.5-VL, Qwen3-VL).
-        processor: its processor.
-        inputs: the processor's ``BatchFeature`` (``input_ids`` ``[B, P]`` left-padded, ``attention_mask``,
-            ``pixel_values``, ``image_grid_thw``, ...), on the model's device.
-        adapter: defaults to ``get_adapter(model)``.
-        path: ``"cot"``, ``"direct"`` or ``"both"``.
-        details: also compute the per-think-token maps and answer-to-think weights.
-        generate_kwargs: passed to ``generate`` (``max_new_tokens``, ``do_sample``, ``num_return_sequences``,
-            ...); beam search is refused (it reorders the cache under the recorded rows).
-
-    Returns:
-        :class:`RolloutSaliency` with ``B * num_return_sequences`` rollouts.
-    """
-    if generate_kwargs.get("num_beams", 1) != 1:
-        raise ValueError("generate_with_saliency supports num_beams=1 only (beam search reorders the cache)")
-    if generate_kwargs.get("use_cache", True) is False:
-        raise ValueError("generate_with_saliency needs use_cache=True: keys and values are read from the cache")
-    adapter = adapter or get_adapter(model)
-    prompt_ids = inputs["input_ids"]
-    P = prompt_ids.shape[1]
-    generate_kwargs = {**generate_kwargs, "return_dict_in_generate": True}
-    started = time.perf_counter()
-    with torch.no_grad(), capture_saliency(model, first_row=P - 1, adapter=adapter) as capture:
-        output = model.generate(**inputs, **generate_kwargs)
-    generated = time.perf_counter() - started
-    result = saliency_from_capture(model, processor, capture.result(), _model_cache(output), output.sequences, P,
-                                   prompt_ids, inputs.get("image_grid_thw"), adapter=adapter, path=path,
-                                   details=details)
-    result.timings["generate"] = generated
-    return result
-
-
-def saliency_for_completions(model: nn.Module, processor, inputs,
-                             completion_ids: Sequence[Sequence[int] | torch.Tensor] | torch.Tensor, *,
-                             adapter: ModelAdapter | None = None, path: str = "cot",
-                             details: bool = False) -> RolloutSaliency:
-    """Maps of completions generated elsewhere (vLLM, a file): one teacher-forced forward with capture.
-
-    Args:
-        model: a model served by an adapter.
-        processor: its processor.
-        inputs: the processor's ``BatchFeature`` of the ``B`` prompts (left-padded), one prompt per completion.
-        completion_ids: ``B`` completions: a list of 1-D id sequences, or a right-padded ``[B, C]`` tensor; each
-            is cut after its first end-of-turn token.
-        adapter, path, details: as in :func:`generate_with_saliency`.
-
-    Returns:
-        :class:`RolloutSaliency`; equal (within floating-point tolerance) to what
-        :func:`generate_with_saliency` gives for the same completions.
-    """
-    adapter = adapter or get_adapter(model)
-    tokenizer = _tokenizer(processor)
-    prompt_ids = inputs["input_ids"]
-    batch, P = prompt_ids.shape
-    if len(completion_ids) != batch:
-        raise ValueError(f"completion_ids has {len(completion_ids)} completions for {batch} prompts: repeat each "
-                         "prompt in inputs once per completion")
-    stops = end_of_turn_ids(tokenizer)
-    completions = [trim_completion(c, stops) for c in completion_ids]
-    # An empty completion (a backend may return one) is an invalid rollout, not an error (SPEC section 2).
-    width = max([len(c) for c in completions] + [1])
-    device = prompt_ids.device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    body = torch.full((batch, width), pad, dtype=torch.long, device=device)
-    body_mask = torch.zeros(batch, width, dtype=inputs["attention_mask"].dtype, device=device)
-    for b, c in enumerate(completions):
-        body[b, :len(c)] = torch.as_tensor(c, dtype=torch.long, device=device)
-        body_mask[b, :len(c)] = 1
-    sequences = torch.cat([prompt_ids, body], dim=1)
-    forward = {key: value for key, value in inputs.items() if key not in ("input_ids", "attention_mask")}
-    forward["attention_mask"] = torch.cat([inputs["attention_mask"], body_mask], dim=1)
-    if "mm_token_type_ids" in forward:  # completion tokens are text
-        forward["mm_token_type_ids"] = torch.cat([forward["mm_token_type_ids"], torch.zeros_like(body)], dim=1)
-    started = time.perf_counter()
-    with torch.no_grad(), capture_saliency(model, first_row=P - 1, num_rows=width, adapter=adapter) as capture:
-        output = model(input_ids=sequences, use_cache=True, logits_to_keep=1, saliency_capture=capture, **forward)
-    ran = time.perf_counter() - started
-    result = saliency_from_capture(model, processor, capture.result(), _model_cache(output), sequences, P,
-                                   prompt_ids, inputs.get("image_grid_thw"), adapter=adapter, path=path,
-                                   details=details, completion_ids=completions)
-    result.timings["forward"] = ran
-    return result
-
-
-# ---------------------------------------------------------------------------------------- explain
-
-
 def _as_list(images) -> list:
     return list(images) if isinstance(images, (list, tuple)) else [images]
 
@@ -487,12 +77,11 @@ def explain(model: nn.Module, processor, image, question: str, *, boxes=None, sy
     Returns:
         :class:`Explanation`, with the per-token maps and answer-to-think weights in ``.rollout``.
     """
-    from saliency_r1.tiny import SYSTEM_PROMPT
+    from saliency_r1.prompts import chat_messages, system_prompt_or_default
 
+    adapter = adapter or get_adapter(model)
     images = _as_list(image)
-    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
-    messages = [{"role": "system", "content": SYSTEM_PROMPT if system_prompt is None else system_prompt},
-                {"role": "user", "content": content}]
+    messages = chat_messages(adapter, question, system_prompt_or_default(system_prompt), len(images))
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     device = next(model.parameters()).device
     inputs = processor(text=[text], images=images, return_tensors="pt").to(device)
@@ -501,7 +90,7 @@ def explain(model: nn.Module, processor, image, question: str, *, boxes=None, sy
                                      max_new_tokens=max_new_tokens, **generate_kwargs)
     spans = rollout.spans[0]
     ids = rollout.completion_ids[0].tolist()
-    tokenizer = _tokenizer(processor)
+    tokenizer = getattr(processor, "tokenizer", processor)
     pieces = tokenizer.batch_decode([[ids[k]] for k in range(len(ids))], skip_special_tokens=False,
                                     clean_up_tokenization_spaces=False)
     image_sizes = [(im.height, im.width) for im in images]

@@ -4,6 +4,7 @@
 ``content`` is the text). Dataset columns (``solution``, ``bbox``, ``image``) arrive as keyword
 arguments, one entry per completion; the saliency reward also needs the maps that
 :class:`saliency_r1.trl.SaliencyGRPOTrainer` (or our own loop) adds as ``saliency_maps``.
+:func:`saliency_in_box` is the tensor form the loop calls.
 """
 
 from __future__ import annotations
@@ -11,19 +12,18 @@ from __future__ import annotations
 import math
 import re
 import string
+from collections.abc import Sequence
 
 import torch
 
-_FORMAT = re.compile(r"^\s*<think>(?P<think>.*?)</think>\s*<answer>(?P<answer>.*?)</answer>\s*$", re.DOTALL)
-_TAG = re.compile(r"</?(think|answer)>")
+from saliency_r1.spans import is_well_formed
+
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 # A choice letter is letter-shaped: "B", "(B) ...", "B. ...", "B: ...", "B) ...". Not "A red circle"
 # or "I think so", whose first word is a capital letter followed by a space.
 _CHOICE = re.compile(r"^(?:\(([A-Z])\)|([A-Z])(?:[.:)]|$))")
 _NUMBER = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?$")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
-# End-of-turn markers a decoder may leave on a completion (special tokens kept).
-_END_OF_TURN = re.compile(r"(\s*(<\|im_end\|>|<\|endoftext\|>|<\|eot_id\|>|</s>))+\s*$")
 
 
 def completion_text(completion) -> str:
@@ -36,20 +36,6 @@ def completion_text(completion) -> str:
             return "".join(part.get("text", "") for part in content if isinstance(part, dict))
         return content
     raise TypeError(f"a completion must be a string or a list of messages, got {type(completion).__name__}")
-
-
-def is_well_formed(text: str) -> bool:
-    """``<think>`` reasoning ``</think>`` then ``<answer>`` answer ``</answer>``, both non-empty, nothing around.
-
-    >>> is_well_formed("<think> the square is red </think><answer> red </answer>")
-    True
-    >>> is_well_formed("<think>red square</think><answer>red</answer><|im_end|>")
-    True
-    >>> is_well_formed("<answer> red </answer>"), is_well_formed("<think><think></think><answer></think><answer>x</answer>")
-    (False, False)
-    """
-    match = _FORMAT.match(_END_OF_TURN.sub("", text))
-    return match is not None and all(part.strip() and not _TAG.search(part) for part in match.groups())
 
 
 def extract_answer(text: str) -> str | None:
@@ -108,7 +94,8 @@ def answers_match(prediction: str, solution: str) -> bool:
 
 
 def format_reward(completions, **kwargs) -> list[float]:
-    """1.0 for a well-formed ``<think>...</think><answer>...</answer>`` completion, else 0.0.
+    """1.0 for a well-formed completion (:func:`saliency_r1.spans.is_well_formed`: ``<think>...</think>``,
+    then ``<answer>...</answer>`` or a plain answer), else 0.0.
 
     >>> format_reward(["<think> red square </think><answer> red </answer>", "red"])
     [1.0, 0.0]
@@ -144,38 +131,94 @@ def _image_size(image) -> tuple[int, int]:
     return image.height, image.width
 
 
-def saliency_rewards(saliency_maps, bbox, images, valid=None) -> torch.Tensor:
-    """Saliency-in-box reward per completion as a float32 tensor (no host sync), SPEC section 4.
+def pack_maps(maps: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Maps of different sizes, zero-padded into the reward op's ``maps`` and ``map_sizes``.
 
     Args:
-        saliency_maps: per completion, per image, the raw ``[h', w']`` map
-            (``RolloutSaliency.maps``); the first image's map is scored.
-        bbox: per completion, its normalised box(es) (Saliency-R1 string or list).
-        images: per completion, its image (PIL; ``(H, W)`` is read from it) or a one-image list.
-        valid: optional float ``[B]`` format validity (0 or 1).
+        maps: ``B`` tensors ``[h'_b, w'_b]`` on one device (their dtypes are promoted to a common one).
 
     Returns:
-        float32 ``[B]`` on the maps' device: mass of the upsampled ``relu(map)`` inside the
-        boxes over its total mass, times ``valid``; 0 for a completion without a map.
-    """
-    from saliency_r1.boxes import saliency_reward as box_reward
+        ``maps`` ``[B, max h', max w']`` and ``map_sizes`` int64 ``[B, 2]``, on the maps' device.
 
-    if not (len(saliency_maps) == len(bbox) == len(images)):
-        raise ValueError(f"saliency_maps ({len(saliency_maps)}), bbox ({len(bbox)}) and images ({len(images)}) "
-                         "need one entry per completion")
-    present = [per_image[0] for per_image in saliency_maps if len(per_image)]
-    device = present[0].device if present else None
-    maps = [per_image[0] if len(per_image) else torch.zeros(1, 1, device=device) for per_image in saliency_maps]
-    return box_reward(maps, list(bbox), [_image_size(image) for image in images], valid=valid)
+    >>> packed, sizes = pack_maps([torch.ones(2, 3), torch.ones(1, 1)])
+    >>> packed.shape, sizes.tolist()
+    (torch.Size([2, 2, 3]), [[2, 3], [1, 1]])
+    """
+    if len(maps) == 0:
+        raise ValueError("maps is empty: need at least one [h', w'] map")
+    grids = [torch.as_tensor(m) for m in maps]
+    for b, grid in enumerate(grids):
+        if grid.dim() != 2 or grid.numel() == 0:
+            raise ValueError(f"maps[{b}] must be a non-empty [h', w'] map, got shape {tuple(grid.shape)}")
+        if not grid.dtype.is_floating_point:
+            raise TypeError(f"maps[{b}] must be floating point, got {grid.dtype}")
+        if grid.device != grids[0].device:
+            raise ValueError(f"maps[{b}] is on {grid.device}, maps[0] on {grids[0].device}: put them on one device")
+    dtype = grids[0].dtype
+    for grid in grids[1:]:
+        dtype = torch.promote_types(dtype, grid.dtype)
+    h_max = max(g.shape[0] for g in grids)
+    w_max = max(g.shape[1] for g in grids)
+    # Padding each small map and stacking: one zero-fill of the whole batch would be a multi-threaded
+    # kernel, whose start-up costs more than the copy on a busy machine.
+    packed = torch.stack([torch.nn.functional.pad(g.to(dtype), (0, w_max - g.shape[1], 0, h_max - g.shape[0]))
+                          for g in grids])
+    sizes = torch.tensor([list(g.shape) for g in grids], dtype=torch.int64, device=packed.device)
+    return packed, sizes
+
+
+def saliency_in_box(maps: Sequence[torch.Tensor], boxes: Sequence, image_sizes: Sequence,
+                    valid: Sequence[float] | torch.Tensor | None = None) -> torch.Tensor:
+    """The saliency reward of ``B`` rollouts from their maps and normalised boxes (``docs/method.md``
+    section 4), as one call of ``torch.ops.saliency.reward``.
+
+    Args:
+        maps: ``B`` raw saliency maps ``[h'_b, w'_b]`` (relu is applied inside), on one device.
+        boxes: ``B`` entries, each one normalised box or a list of them (strings such as
+            ``"[0.12,0.30,0.55,0.81]"``, or lists/tuples of four numbers).
+        image_sizes: ``B`` pairs ``(H, W)`` in pixels.
+        valid: ``B`` format validities (multipliers, usually 0 or 1); default all 1.
+
+    Returns:
+        float32 ``[B]`` on the maps' device: ``valid * mass of the upsampled map inside the union of
+        the boxes / total mass``, 0 where the mass is 0 or there is no box.
+
+    >>> grid = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
+    >>> saliency_in_box([grid], ["[0.5,0.0,1.0,1.0]"], [(4, 4)]).tolist()
+    [0.875]
+    >>> saliency_in_box([grid, grid], ["[0.0,0.0,0.4,1.0]", []], [(4, 4), (4, 4)], valid=[1.0, 1.0]).tolist()
+    [0.125, 0.0]
+    """
+    from saliency_r1.boxes import image_size_pair, pack_boxes
+    from saliency_r1.ops import reward
+
+    packed, map_sizes = pack_maps(maps)
+    if len(boxes) != len(maps) or len(image_sizes) != len(maps):
+        raise ValueError(f"maps, boxes and image_sizes must have one entry per rollout, got {len(maps)}, "
+                         f"{len(boxes)} and {len(image_sizes)}")
+    device = packed.device
+    pixel, counts = pack_boxes(boxes, image_sizes, device)
+    sizes = torch.tensor([list(image_size_pair(s, f"image_sizes[{b}]")) for b, s in enumerate(image_sizes)],
+                         dtype=torch.int64, device=device)
+    if valid is None:
+        valid_t = torch.ones(len(maps), dtype=torch.float32, device=device)
+    else:
+        valid_t = torch.as_tensor(valid, dtype=torch.float32).to(device)
+        if valid_t.shape != (len(maps),):
+            raise ValueError(f"valid must hold one value per rollout ({len(maps)}), got shape {tuple(valid_t.shape)}")
+    return reward(packed, map_sizes, sizes, pixel, counts, valid_t)
 
 
 def saliency_reward(completions, saliency_maps, bbox, image=None, images=None, saliency_valid=None,
                     **kwargs) -> list[float]:
-    """TRL form of :func:`saliency_rewards`: the fraction of saliency inside the evidence box.
+    """TRL form of :func:`saliency_in_box`: the fraction of each completion's saliency inside its
+    evidence box(es), scored on the first image's map.
 
-    ``saliency_maps`` (and ``saliency_valid``) are added to the reward keywords by
-    :class:`saliency_r1.trl.SaliencyGRPOTrainer`; ``bbox`` and ``image`` (or ``images``) are
-    dataset columns.
+    ``saliency_maps`` (per completion, per image, the raw ``[h', w']`` map) and ``saliency_valid`` are
+    added to the reward keywords by :class:`saliency_r1.trl.SaliencyGRPOTrainer`; ``bbox`` and ``image``
+    (or ``images``) are dataset columns. The reward is multiplied by the completion's validity:
+    ``saliency_valid`` (from its token ids) when given, else :func:`saliency_r1.spans.is_well_formed`
+    of its text. A completion without a map scores 0.
 
     >>> from PIL import Image
     >>> grid = torch.zeros(4, 4); grid[0, 0] = 1.0          # all saliency in the top-left cell
@@ -183,14 +226,18 @@ def saliency_reward(completions, saliency_maps, bbox, image=None, images=None, s
     >>> saliency_reward(["<think>x</think><answer>y</answer>"] * 2, saliency_maps=[[grid], [grid]],
     ...                 bbox=["[0.0,0.0,0.5,0.5]", "[0.5,0.5,1.0,1.0]"], image=[img, img])
     [1.0, 0.0]
-    >>> saliency_reward(["<think>x</think> y"], saliency_maps=[[grid]], bbox=["[0,0,1,1]"], image=[img])  # bad format
+    >>> saliency_reward(["<think>x"], saliency_maps=[[grid]], bbox=["[0,0,1,1]"], image=[img])  # bad format
     [0.0]
     """
     source = image if image is not None else images
     if source is None:
         raise ValueError("the saliency reward needs the images (dataset column 'image' or 'images')")
-    # SPEC section 4: the saliency reward is multiplied by the format validity.
-    valid = torch.tensor(format_reward(completions), dtype=torch.float32)
-    if saliency_valid is not None:
-        valid = valid * torch.as_tensor(saliency_valid, dtype=torch.float32)
-    return saliency_rewards(saliency_maps, bbox, source, valid).tolist()
+    if not (len(saliency_maps) == len(bbox) == len(source) == len(completions)):
+        raise ValueError(f"completions ({len(completions)}), saliency_maps ({len(saliency_maps)}), bbox ({len(bbox)}) "
+                         f"and images ({len(source)}) need one entry per completion")
+    valid = (torch.as_tensor(saliency_valid, dtype=torch.float32) if saliency_valid is not None
+             else torch.tensor(format_reward(completions), dtype=torch.float32))
+    present = [per_image[0] for per_image in saliency_maps if len(per_image)]
+    device = present[0].device if present else None
+    maps = [per_image[0] if len(per_image) else torch.zeros(1, 1, device=device) for per_image in saliency_maps]
+    return saliency_in_box(maps, list(bbox), [_image_size(i) for i in source], valid=valid).tolist()

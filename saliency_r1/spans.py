@@ -1,4 +1,6 @@
-"""Think and answer spans of a completion, found from its token ids (SPEC.md section 2).
+"""Think and answer spans of a completion, and the one predicate that decides whether a completion is
+well formed (``docs/method.md`` section 2): the spans, the format reward, the saliency reward's
+multiplier and evaluation all use :func:`parse_completion`.
 
 Two templates are recognised:
 
@@ -17,6 +19,7 @@ Think tokens are those inside ``<think>...</think>``; answer tokens those inside
 whitespace-only tokens. A token that straddles a tag counts when the part of it inside the span is not
 whitespace. A completion with anything else (no tags, tags out of order or repeated, an empty answer,
 an ``<answer>`` that is not closed, text after ``</answer>``) is invalid: empty spans, ``valid=False``.
+An empty reasoning is well formed.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ class Spans:
 
     def think_positions(self, prompt_length: int) -> list[int]:
         """Sequence positions ``t`` of the think tokens (the key of the answer-to-think hop and the query row
-        of the think-to-image hop, SPEC.md section 2)."""
+        of the think-to-image hop, ``docs/method.md`` section 2)."""
         return [prompt_length + k for k in self.think]
 
     def answer_positions(self, prompt_length: int) -> list[int]:
@@ -112,9 +115,81 @@ def _tokens_in(text: str, offsets: list[int], lo: int, hi: int, *, keep_whitespa
     return tokens
 
 
+@dataclass(frozen=True)
+class CompletionParts:
+    """Where the reasoning and the answer are in a completion's text (character ranges ``[lo, hi)``)."""
+
+    think: tuple[int, int]
+    answer: tuple[int, int]
+    template: str  # "tagged" or "plain"
+
+
+def parse_completion(text: str, *, ended: bool) -> CompletionParts | None:
+    """The one well-formedness predicate (``docs/method.md`` section 2), on a completion's text.
+
+    Well formed: exactly one ``<think>`` (nothing but whitespace before it) and one ``</think>`` after it;
+    then either ``<answer> answer </answer>`` with nothing but whitespace around it (tagged), or, with no
+    answer tag at all, the rest of the text up to the end-of-turn token (plain: only when the completion
+    ``ended`` with that token, else the answer may be a fragment). The answer holds at least one
+    non-whitespace character; the reasoning may be empty.
+
+    Args:
+        text: the completion without its end-of-turn token.
+        ended: whether the completion ended with an end-of-turn token.
+
+    Returns:
+        the character ranges of the reasoning and the answer, or ``None`` when not well formed.
+
+    >>> parse_completion("<think> red </think><answer> dark </answer>", ended=False)
+    CompletionParts(think=(7, 12), answer=(28, 34), template='tagged')
+    >>> parse_completion("<think></think> dark", ended=True).template
+    'plain'
+    >>> parse_completion("<think></think> dark", ended=False) is None  # cut off: maybe a fragment
+    True
+    """
+    if text.count(THINK_OPEN) != 1 or text.count(THINK_CLOSE) != 1:
+        return None
+    open_at, close_at = text.index(THINK_OPEN), text.index(THINK_CLOSE)
+    if text[:open_at].strip() or close_at < open_at:
+        return None
+    think = (open_at + len(THINK_OPEN), close_at)
+    rest_lo = close_at + len(THINK_CLOSE)
+    rest = text[rest_lo:]
+    if ANSWER_OPEN in rest or ANSWER_CLOSE in rest:
+        match = re.fullmatch(r"(\s*)<answer>(.*?)</answer>\s*", rest, flags=re.DOTALL)
+        if match is None or ANSWER_OPEN in match.group(2) or ANSWER_CLOSE in match.group(2):
+            return None
+        answer, template = (rest_lo + match.start(2), rest_lo + match.end(2)), "tagged"
+    elif ended:
+        answer, template = (rest_lo, len(text)), "plain"
+    else:
+        return None
+    if not text[answer[0]:answer[1]].strip():
+        return None
+    return CompletionParts(think=think, answer=answer, template=template)
+
+
+_TRAILING_END_OF_TURN = re.compile("(?:\\s*(?:" + "|".join(re.escape(t) for t in END_OF_TURN_TOKENS) + "))+\\s*$")
+
+
+def is_well_formed(text: str) -> bool:
+    """:func:`parse_completion` on a decoded completion, end-of-turn tokens at its end removed.
+
+    Text alone cannot tell a plain answer cut at the length limit from a finished one (TRL decodes
+    completions without special tokens): a text counts as ended. Where the token ids are known,
+    :func:`find_spans` knows whether the end-of-turn token came.
+
+    >>> is_well_formed("<think> the square is red </think><answer> red </answer><|im_end|>")
+    True
+    >>> is_well_formed("<answer> red </answer>"), is_well_formed("<think></think><answer> </answer>")
+    (False, False)
+    """
+    return parse_completion(_TRAILING_END_OF_TURN.sub("", text), ended=True) is not None
+
+
 def find_spans(completion_ids: Sequence[int] | torch.Tensor, tokenizer, *,
                stop_ids: Iterable[int] | None = None) -> Spans:
-    """Think and answer tokens of one completion (see the module docstring for the rules).
+    """Think and answer tokens of one completion (the rules: :func:`parse_completion`).
 
     Args:
         completion_ids: the generated token ids (``[C]``; anything after the first end-of-turn token,
@@ -130,32 +205,9 @@ def find_spans(completion_ids: Sequence[int] | torch.Tensor, tokenizer, *,
     ended = bool(ids) and ids[-1] in stops
     body = ids[:-1] if ended else ids
     text, offsets = token_offsets(tokenizer, body)
-    invalid = Spans(valid=False, length=len(ids))
-
-    # The reasoning: exactly one <think> (nothing but whitespace before it) and one </think> after it.
-    if text.count(THINK_OPEN) != 1 or text.count(THINK_CLOSE) != 1:
-        return invalid
-    open_at, close_at = text.index(THINK_OPEN), text.index(THINK_CLOSE)
-    if text[:open_at].strip() or close_at < open_at:
-        return invalid
-    think_lo, think_hi = open_at + len(THINK_OPEN), close_at
-    rest_lo = close_at + len(THINK_CLOSE)
-    rest = text[rest_lo:]
-
-    if ANSWER_OPEN in rest or ANSWER_CLOSE in rest:
-        match = re.fullmatch(r"(\s*)<answer>(.*?)</answer>\s*", rest, flags=re.DOTALL)
-        if match is None or ANSWER_OPEN in match.group(2) or ANSWER_CLOSE in match.group(2):
-            return invalid
-        answer_lo = rest_lo + match.start(2)
-        answer_hi = rest_lo + match.end(2)
-        template = "tagged"
-    elif ended:
-        answer_lo, answer_hi, template = rest_lo, len(text), "plain"
-    else:  # a plain answer runs to the end-of-turn token: cut off before it, it may be a fragment
-        return invalid
-
-    answer = _tokens_in(text, offsets, answer_lo, answer_hi, keep_whitespace=False)
-    if not answer:
-        return invalid
-    think = _tokens_in(text, offsets, think_lo, think_hi, keep_whitespace=True)
-    return Spans(valid=True, think=think, answer=answer, template=template, length=len(ids))
+    parts = parse_completion(text, ended=ended)
+    if parts is None:
+        return Spans(valid=False, length=len(ids))
+    answer = _tokens_in(text, offsets, *parts.answer, keep_whitespace=False)
+    think = _tokens_in(text, offsets, *parts.think, keep_whitespace=True)
+    return Spans(valid=True, think=think, answer=answer, template=parts.template, length=len(ids))

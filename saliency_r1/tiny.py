@@ -19,10 +19,7 @@ import json
 
 import torch
 
-SYSTEM_PROMPT = (
-    "You are a helpful assistant. First think about the question step by step inside <think> </think>, "
-    "looking at the relevant part of the image, then give the final answer inside <answer> </answer>."
-)
+from saliency_r1.prompts import SYSTEM_PROMPT
 
 SPECIAL_TOKENS = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",

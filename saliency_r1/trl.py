@@ -9,7 +9,7 @@ also receive the saliency maps of the completions they score.
 Where the maps come from. TRL (1.16) calls ``_calculate_rewards(inputs, prompts, completions,
 completion_ids_list)`` after generation and before advantages; this override runs one
 teacher-forced forward of the completions with the saliency capture on
-(:func:`saliency_r1.explain.saliency_for_completions`, no gradient, keys and values read back from
+(:func:`saliency_r1.saliency.saliency_for_completions`, no gradient, keys and values read back from
 its cache) and adds, per completion, ``saliency_maps`` (per image, the raw ``[h', w']`` map) and
 ``saliency_valid`` (1.0 for a well-formed think/answer structure) to the reward keywords. Doing it
 there rather than inside ``generate`` makes it independent of the generation backend (transformers,
@@ -26,9 +26,8 @@ import torch
 from trl import GRPOTrainer
 from trl.models.utils import unwrap_model_for_generation
 
-from saliency_r1.explain import saliency_for_completions
 from saliency_r1.adapters import get_adapter
-from saliency_r1.grpo.loop import vision_token_ids
+from saliency_r1.saliency import saliency_for_completions
 
 
 def _wants_saliency(func) -> bool:
@@ -61,7 +60,7 @@ class SaliencyGRPOTrainer(GRPOTrainer):
         generation = getattr(self, "generation_config", None)
         if generation is not None:
             generation.suppress_tokens = sorted(set(generation.suppress_tokens or [])
-                                                | set(vision_token_ids(self.model)))
+                                                | set(get_adapter(self.model).vision_token_ids))
 
     def _saliency(self, prompts: list, completion_ids_list: list) -> tuple[list, list[float]]:
         """Maps of the local completions: the prompts re-rendered exactly as TRL renders them for

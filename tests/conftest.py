@@ -26,7 +26,7 @@ def cold_model(tmp_path_factory) -> str:
     included, is live (a random model never closes </answer>, and an invalid completion's saliency
     reward is 0 by definition)."""
     from saliency_r1.grpo.config import TrainConfig
-    from saliency_r1.grpo.loop import export_cold_start
+    from saliency_r1.grpo.cold_start import export_cold_start
 
     directory = tmp_path_factory.getbasetemp() / "cold-start-tiny"
     # 3e-3 teaches the format in 40 steps (the default 1e-3 needs more to read images).

@@ -1,4 +1,4 @@
-"""Normalised boxes to pixel ranges (SPEC.md section 4), packing, and the saliency_reward convenience."""
+"""Normalised boxes to pixel ranges (docs/method.md section 4), packing, and saliency_in_box."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import saliency_r1.boxes
-from saliency_r1.boxes import pack_boxes, pack_maps, parse_box, parse_boxes, saliency_reward, to_pixel_box
+from saliency_r1.boxes import pack_boxes, parse_box, parse_boxes, to_pixel_box
+from saliency_r1.rewards import pack_maps, saliency_in_box
 from saliency_r1.kernels.reference.reward import reward_reference
 
 
@@ -117,18 +118,18 @@ def test_saliency_reward_matches_the_reference():
     packed, map_sizes = pack_maps(maps)
     pixel, counts = pack_boxes(boxes, sizes)
     expected = reward_reference(packed, map_sizes, torch.tensor(sizes), pixel, counts, torch.tensor(valid))
-    got = saliency_reward(maps, boxes, sizes, valid)
+    got = saliency_in_box(maps, boxes, sizes, valid)
     torch.testing.assert_close(got, expected, rtol=2.0 ** -23, atol=1e-12)
     assert got[2] == 1.0
-    torch.testing.assert_close(saliency_reward(maps, boxes, sizes), expected / torch.tensor(valid), rtol=2.0 ** -23,
+    torch.testing.assert_close(saliency_in_box(maps, boxes, sizes), expected / torch.tensor(valid), rtol=2.0 ** -23,
                                atol=1e-12)
 
 
 def test_saliency_reward_rejects_mismatched_lengths():
     with pytest.raises(ValueError, match=r"one entry per rollout, got 1, 2 and 1"):
-        saliency_reward([torch.ones(2, 2)], ["[0,0,1,1]", "[0,0,1,1]"], [(4, 4)])
+        saliency_in_box([torch.ones(2, 2)], ["[0,0,1,1]", "[0,0,1,1]"], [(4, 4)])
     with pytest.raises(ValueError, match=r"valid must hold one value per rollout \(1\)"):
-        saliency_reward([torch.ones(2, 2)], ["[0,0,1,1]"], [(4, 4)], valid=[1.0, 0.0])
+        saliency_in_box([torch.ones(2, 2)], ["[0,0,1,1]"], [(4, 4)], valid=[1.0, 0.0])
 
 
 def test_numpy_boxes_are_accepted():

@@ -5,8 +5,13 @@ import json
 import pytest
 
 from saliency_r1.cli import build_parser, main
-from saliency_r1.data import SyntheticGroundedVQA
+from saliency_r1.data.synthetic import SyntheticGroundedVQA
 from saliency_r1.grpo.config import TrainConfig, config_from_args
+from saliency_r1.grpo.plots import read_log
+
+TINY_RUN = ["--steps", "1", "--prompts-per-step", "2", "--num-generations", "2", "--max-completion-length", "8",
+            "--train-size", "8", "--eval-size", "2", "--eval-limit", "2", "--cold-start-steps", "2",
+            "--progress", "false"]
 
 
 def test_train_flags_and_yaml(tmp_path):
@@ -31,10 +36,18 @@ def test_train_evaluate_explain(tmp_path, cold_model, capsys):
                  "--max-completion-length", "12", "--eval-size", "2", "--eval-limit", "2", "--output-dir", str(out),
                  "--progress", "false", "--report-to", "tensorboard"]) == 0
     printed = capsys.readouterr().out
-    for line in ("logs (JSONL):", "TensorBoard:", "reward curves:", "final checkpoint:", "held-out @ step 1:"):
+    for line in ("logs (JSONL):", f"TensorBoard:       {out / 'saliency-r1'}", "reward curves:", "final checkpoint:",
+                 "held-out @ step 1:"):
         assert line in printed
     assert (out / "train.jsonl").is_file() and (out / "reward_curves.png").is_file()
-    assert list((out / "saliency-r1").rglob("events.out.tfevents.*"))
+    # The events file holds what the JSONL log holds.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "saliency-r1"))
+    events.Reload()
+    logged = [r for r in read_log(out / "train.jsonl") if r.get("split", "train") == "train"]
+    assert [(e.step, e.value) for e in events.Scalars("reward/total")] == [
+        (1, pytest.approx(logged[0]["reward/total"], rel=1e-6))]
 
     checkpoint = out / "checkpoint-1"
     assert main(["evaluate", str(checkpoint), "--limit", "2", "--out", str(tmp_path / "eval.json")]) == 0
@@ -47,3 +60,68 @@ def test_train_evaluate_explain(tmp_path, cold_model, capsys):
                  example["problem"], "--box", example["bbox"], "--out", str(tmp_path / "explain.png")]) == 0
     printed = capsys.readouterr().out
     assert "valid:" in printed and (tmp_path / "explain.png").stat().st_size > 5_000
+
+
+@pytest.mark.parametrize("tracker", ["tensorboard", "wandb"])
+def test_a_tracker_that_is_not_installed_stops_the_run_before_anything_loads(tracker, tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    import saliency_r1.grpo.loop as loop
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == tracker else find_spec(name, *a))
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(loop, "load_policy", no_loading)
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", *TINY_RUN, "--output-dir", str(tmp_path / "run"), "--report-to", tracker])
+    assert stopped.value.code == 2
+    assert f"pip install 'saliency-r1[{tracker}]'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_holds_the_logged_scalars(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    assert main(["train", *TINY_RUN, "--output-dir", str(out), "--report-to", "wandb"]) == 0
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    assert f"W&B run:           {run_dir}" in capsys.readouterr().out
+    (log,) = run_dir.glob("run-*.wandb")
+    logged = [r for r in read_log(out / "train.jsonl") if r.get("split", "train") == "train"]
+    history = [row for row in _wandb_history(log) if "reward/total" in row]
+    assert [row["reward/total"] for row in history] == [pytest.approx(logged[0]["reward/total"], rel=1e-6)]
+
+
+def _wandb_history(path):
+    """The history rows of a W&B offline run log: a LevelDB-style log (a 7-byte file header, then
+    32 KiB blocks of records, each chunk ``crc32 | length | kind`` and its bytes) of protobuf records."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, pos = path.read_bytes(), 32768, 7
+    records, pending = [], b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:
+            break
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        pending = chunk if kind in (1, 2) else pending + chunk  # full / first; middle / last append
+        if kind in (1, 4):
+            records.append(pending)
+    rows = []
+    for raw in records:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") == "history":
+            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                         for item in record.history.item})
+    return rows

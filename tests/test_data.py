@@ -7,7 +7,8 @@ import math
 import pytest
 from PIL import Image
 
-from saliency_r1.data import SyntheticConfig, SyntheticGroundedVQA, load_saliency_data, parse_normalised_boxes
+from saliency_r1.data.loader import load_saliency_data, parse_normalised_boxes
+from saliency_r1.data.synthetic import SyntheticConfig, SyntheticGroundedVQA
 from saliency_r1.data.synthetic import COLORS, tone, worked_completion
 
 

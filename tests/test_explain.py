@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from saliency_r1.explain import (Explanation, _RowTaker, explain, generate_with_saliency,
-                                 saliency_for_completions)
+from saliency_r1.explain import Explanation, explain
+from saliency_r1.saliency import _RowTaker, generate_with_saliency, saliency_for_completions
 from saliency_r1.tiny import build_tiny_model, build_tiny_processor
 from test_adapters import family_model, family_processor
 
@@ -340,7 +340,7 @@ class _Steer(LogitsProcessor):
 
 
 def test_explain_with_boxes_and_pictures(processor, tmp_path):
-    from saliency_r1.boxes import saliency_reward
+    from saliency_r1.rewards import saliency_in_box
     from saliency_r1.viz import plot_explanation, plot_rollout_maps, save_png, upsample_map
 
     model = build_tiny_model(processor, seed=0)
@@ -352,7 +352,7 @@ def test_explain_with_boxes_and_pictures(processor, tmp_path):
     assert result.valid and result.rollout.completion_ids[0].tolist() == script
     assert result.think_tokens == LONG_THINK[:8] and result.answer_tokens == [" red", " circle"]
     # the reward is measured on the original image, not the processor's resized one
-    want = float(saliency_reward([result.maps[0]], [box], [(150, 210)])[0])
+    want = float(saliency_in_box([result.maps[0]], [box], [(150, 210)])[0])
     assert result.reward == pytest.approx(want) and 0.0 <= result.reward <= 1.0
     assert result.rollout.reward([box], [(150, 210)]).tolist() == pytest.approx([want])
     assert result.rollout.answer_to_think[0].shape == (2, 8)

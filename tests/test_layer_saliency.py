@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import saliency_r1
+import saliency_r1.ops  # noqa: F401  (loads the library: registers torch.ops.saliency.*)
 from saliency_r1.kernels.reference.layer_saliency import layer_saliency_reference
 
 PATHS = ("cot", "direct", "both")

@@ -4,7 +4,7 @@ gradients as the full logits, without keeping ``rows x vocabulary`` floats for b
 import pytest
 import torch
 
-from saliency_r1.grpo.loop import completion_logps, token_logps
+from saliency_r1.logps import completion_logps, token_logps
 
 
 def _full_logps(hidden, head, ids, temperature):
@@ -59,15 +59,17 @@ def test_token_logps_of_no_rows():
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_completion_logps_match_the_model_logits_and_restore_the_head(tie):
-    from saliency_r1.data import SyntheticGroundedVQA
-    from saliency_r1.grpo.loop import pad_completions, prompt_inputs
+    from saliency_r1.adapters import get_adapter
+    from saliency_r1.data.synthetic import SyntheticGroundedVQA
+    from saliency_r1.logps import pad_completions
+    from saliency_r1.prompts import prompt_inputs
     from saliency_r1.tiny import build_tiny_model, build_tiny_processor
 
     processor = build_tiny_processor()
     model = build_tiny_model(processor, seed=1, tie_word_embeddings=tie)
     head = model.get_output_embeddings()
     examples = [SyntheticGroundedVQA(2, seed=4)[i] for i in range(2)]
-    prompt = dict(prompt_inputs(processor, examples, "Answer."))
+    prompt = dict(prompt_inputs(processor, get_adapter(model), examples, "Answer."))
     completion_ids, mask = pad_completions([torch.tensor([11, 12, 13, 2]), torch.tensor([14, 15])], 0, "cpu")
 
     got = completion_logps(model, prompt, completion_ids, mask, temperature=0.9)

@@ -73,9 +73,9 @@ def test_pixel_boxes_floor_rule_and_clamp():
 
 
 def test_energy_agrees_with_the_reward_on_boxes_off_the_image():
-    from saliency_r1.boxes import saliency_reward
+    from saliency_r1.rewards import saliency_in_box
 
     grid = torch.rand(4, 4, generator=torch.Generator().manual_seed(0))
     for box in ([1.0, 0.0, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0], [0.5, 0.5, 1.0, 1.0]):
         energy = energy_in_boxes(grid, (40, 40), pixel_boxes([box], 40, 40))
-        assert energy == pytest.approx(float(saliency_reward([grid], [[box]], [(40, 40)])[0]), abs=1e-6)
+        assert energy == pytest.approx(float(saliency_in_box([grid], [[box]], [(40, 40)])[0]), abs=1e-6)

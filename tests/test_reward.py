@@ -19,7 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import saliency_r1
-from saliency_r1.boxes import saliency_reward
+import saliency_r1.ops  # noqa: F401  (loads the library: registers torch.ops.saliency.*)
+from saliency_r1.rewards import saliency_in_box
 from saliency_r1.kernels.reference.reward import reward_public_way, reward_reference
 from saliency_r1.kernels.reward import reward_triton
 
@@ -269,7 +270,7 @@ def test_agrees_with_the_public_way_on_string_boxes(seed):
         y1, y2 = sorted(round(rng.random(), 2) for _ in range(2))
         sizes.append((H, W))
         boxes.append(f"[{x1},{y1},{x2},{y2}]")
-    ours = saliency_reward(maps, boxes, sizes)
+    ours = saliency_in_box(maps, boxes, sizes)
     public = torch.tensor([reward_public_way(m, s, b) for m, s, b in zip(maps, sizes, boxes)], dtype=torch.float32)
     torch.testing.assert_close(ours, public, **CPU_TOL)
 

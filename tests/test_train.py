@@ -13,7 +13,9 @@ from safetensors.torch import load_file
 from saliency_r1.grpo.checkpoint import latest_checkpoint
 from saliency_r1.grpo.config import TrainConfig
 from saliency_r1.data.synthetic import SyntheticConfig, SyntheticGroundedVQA
-from saliency_r1.grpo.loop import PromptOrder, _flush, cold_start_set, pad_completions, train
+from saliency_r1.grpo.cold_start import cold_start_set
+from saliency_r1.grpo.loop import PromptOrder, _flush, train
+from saliency_r1.logps import pad_completions
 from saliency_r1.grpo.plots import read_log
 
 # Small enough for seconds per run on 2 cores.
@@ -168,14 +170,16 @@ def test_two_processes_agree(tmp_path, cold_model):
 def test_generation_never_emits_vision_tokens(cold_model, tmp_path):
     """A policy that prefers <|image_pad|> must not sample it: the update's teacher-forced forward
     would try to place image features on it (a crash seen in a 300-step run)."""
-    from saliency_r1.data import SyntheticGroundedVQA
-    from saliency_r1.grpo.loop import load_policy, prompt_inputs, system_prompt, vision_token_ids
+    from saliency_r1.adapters import get_adapter
+    from saliency_r1.models import load_policy
+    from saliency_r1.prompts import SYSTEM_PROMPT, prompt_inputs
 
     model, processor = load_policy(TrainConfig(model=cold_model))
     pad = model.config.image_token_id
-    assert pad in vision_token_ids(model) and len(vision_token_ids(model)) == 4
+    adapter = get_adapter(model)
+    assert pad in adapter.vision_token_ids and len(adapter.vision_token_ids) == 4
     data = SyntheticGroundedVQA(SMALL["train_size"], seed=TrainConfig().data_seed)
-    inputs = prompt_inputs(processor, [data[0], data[1]], system_prompt(TrainConfig()))
+    inputs = prompt_inputs(processor, adapter, [data[0], data[1]], SYSTEM_PROMPT)
     with torch.no_grad():  # point the <|image_pad|> row of the head along the last hidden state
         hidden = model(**inputs, output_hidden_states=True).hidden_states[-1][:, -1]
         hidden = model.model.language_model.norm(hidden).mean(0)
@@ -191,7 +195,7 @@ def test_full_model_weights_stream_into_place(cold_model, monkeypatch):
     """Resuming a full fine-tune copies the saved tensors into the live parameters one by one: no
     second model is built (from_pretrained is not called), and the weights match bit for bit."""
     from saliency_r1.grpo.checkpoint import load_weights
-    from saliency_r1.grpo.loop import load_policy
+    from saliency_r1.models import load_policy
 
     trained, _ = load_policy(TrainConfig(model=cold_model))
     fresh, _ = load_policy(TrainConfig(seed=5))  # same architecture, other random weights
@@ -230,8 +234,36 @@ def test_lora_with_bf16_keeps_the_frozen_base_in_bf16(tmp_path, cold_model, monk
     adapter = load_file(result.checkpoint / "model" / "adapter_model.safetensors")
     assert all(torch.isfinite(t).all() for t in adapter.values())
     assert any(t.abs().sum() > 0 for n, t in adapter.items() if "lora_B" in n)  # the step moved B off zero
-    from saliency_r1.grpo.loop import load_trained
+    from saliency_r1.grpo.checkpoint import load_trained
 
     monkeypatch.undo()
     loaded, _, _ = load_trained(result.checkpoint)  # evaluation rebuilds the base the adapter trained on
     assert {name: p.dtype for name, p in loaded.named_parameters()} == seen
+
+
+@pytest.mark.slow
+def test_tiny_lora_run_keeps_its_cold_started_base_once(tmp_path, monkeypatch):
+    """Resuming and evaluation load the base the adapter trained on instead of running the cold start again."""
+    import saliency_r1.grpo.cold_start as cold_start_module
+    from saliency_r1.grpo.checkpoint import load_trained
+
+    cfg = TrainConfig(**SMALL, steps=1, lora=True, cold_start_steps=3, output_dir=str(tmp_path), learning_rate=1e-2)
+    result = train(cfg)
+    from saliency_r1.models import load_policy
+
+    base, processor = load_policy(TrainConfig(model=str(tmp_path / "base-model")))
+
+    def no_cold_start(*args, **kwargs):
+        raise AssertionError("the cold start ran again")
+
+    monkeypatch.setattr(cold_start_module, "cold_start", no_cold_start)
+    model, _, _ = load_trained(result.checkpoint)
+    ids = torch.tensor([[processor.tokenizer.eos_token_id, 5, 6, 7]])
+    with torch.no_grad(), model.disable_adapter():
+        torch.testing.assert_close(model(input_ids=ids).logits, base(input_ids=ids).logits, rtol=0, atol=0)
+    adapter = load_file(result.checkpoint / "model" / "adapter_model.safetensors")
+    lora = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    assert len(lora) == len(adapter) and all(torch.equal(lora[k.replace(".weight", ".default.weight")], v)
+                                             for k, v in adapter.items())
+    resumed = train(TrainConfig(**{**cfg.to_dict(), "steps": 2, "resume": "auto"}))
+    assert resumed.checkpoint.name == "checkpoint-2"

@@ -3,11 +3,12 @@
 import pytest
 import torch
 
-from saliency_r1.data import SyntheticGroundedVQA
+from saliency_r1.adapters import get_adapter
+from saliency_r1.data.synthetic import SyntheticGroundedVQA
 from saliency_r1.grpo.config import TrainConfig
-from saliency_r1.grpo.loop import load_policy, vision_token_ids
+from saliency_r1.models import load_policy
+from saliency_r1.prompts import SYSTEM_PROMPT
 from saliency_r1.rewards import accuracy_reward, format_reward, saliency_reward
-from saliency_r1.tiny import SYSTEM_PROMPT
 
 
 @pytest.mark.slow
@@ -32,7 +33,7 @@ def test_trl_trainer_steps_with_saliency_rewards(tmp_path, cold_model):
                       logging_steps=1, report_to=[], save_strategy="no", seed=0, temperature=1.0)
     trainer = SaliencyGRPOTrainer(model=model, processing_class=processor, args=args, train_dataset=dataset,
                                   reward_funcs=[format_reward, accuracy_reward, saliency_reward, spy])
-    assert set(vision_token_ids(model)) <= set(trainer.generation_config.suppress_tokens)  # never sampled
+    assert set(get_adapter(model).vision_token_ids) <= set(trainer.generation_config.suppress_tokens)  # never sampled
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
 

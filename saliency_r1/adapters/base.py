@@ -1,10 +1,12 @@
 """The model adapter interface: what the capture and the saliency computation need to know about a VLM family.
 
 An adapter answers, for one loaded model: which token id marks image tokens (and so where they sit in
-a sequence), each image's merged grid ``(h', w')`` from ``image_grid_thw``, the language model's
-attention modules and their output projections ``W_O``, the final norm (``gamma`` and its epsilon),
-the unembedding ``W_U`` (tied to the input embedding or not), the head counts and head size, and the
-language layers where image features enter the residual stream besides the image tokens' embeddings.
+a sequence), each image's merged grid ``(h', w')`` from ``image_grid_thw``, which vision tokens must
+never be sampled, the language model's attention modules and their output projections ``W_O``, the
+final norm (``gamma`` and its epsilon), the unembedding ``W_U`` (tied to the input embedding or not),
+the head counts and head size; and how its inputs are laid out: the chat template's image part, the
+per-token inputs a teacher-forced forward extends, and where the cache keeps each layer's keys and
+values.
 
 Qwen-family models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) share one layout, implemented by
 :class:`QwenVLAdapter`; a family with that layout needs only ``model_types`` (and whatever differs),
@@ -15,7 +17,7 @@ in ``saliency_r1/adapters`` that subclasses one of these registers itself with :
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import ClassVar, Mapping
 
 import torch
 from torch import nn
@@ -108,18 +110,54 @@ class ModelAdapter(ABC):
 
     @property
     @abstractmethod
-    def patch_size(self) -> int:
-        """Patch side in pixels of the vision tower (14 for Qwen2/2.5-VL, 16 for Qwen3-VL)."""
+    def vision_token_ids(self) -> list[int]:
+        """Ids of the image and video placeholders and the vision start/end markers.
 
-    @property
-    def deepstack_layers(self) -> tuple[int, ...]:
-        """Language layers after which image features are added again at the image positions (Qwen3-VL's
-        "deepstack"); empty when image information enters only through the image tokens' embeddings.
-
-        The saliency follows attention from the image positions, so features added there are part of the
-        values it reads in later layers; this property tells a caller where else they come in.
+        Generation must never sample them: a sampled ``<|image_pad|>`` is embedded as text while the
+        policy generates, but every later teacher-forced forward (the update, a teacher-forced capture)
+        would try to place image features on it and fail.
         """
-        return ()
+
+    def user_content(self, question: str, num_images: int = 1) -> list[dict]:
+        """The user message's ``content`` for the processor's chat template: the images, then the question."""
+        return [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": question}]
+
+    def teacher_forced_inputs(self, prompt: Mapping[str, torch.Tensor], completion_ids: torch.Tensor,
+                              completion_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Model inputs of prompts followed by completions, for one teacher-forced forward.
+
+        Args:
+            prompt: the processor's inputs of ``B`` left-padded prompts (``input_ids``, ``attention_mask``,
+                pixel inputs, and per-token type ids where the family has them).
+            completion_ids: ``[B, C]`` right-padded completion ids.
+            completion_mask: ``[B, C]``, 1 at completion tokens, 0 at padding.
+
+        Returns:
+            the same keys, the per-token ones extended by the completion (whose tokens are text).
+        """
+        extend = {"input_ids": completion_ids,
+                  "attention_mask": completion_mask.to(prompt["attention_mask"].dtype)}
+        if "mm_token_type_ids" in prompt:  # 0 marks a text token
+            extend["mm_token_type_ids"] = torch.zeros_like(completion_ids, dtype=prompt["mm_token_type_ids"].dtype)
+        return {k: torch.cat([v, extend[k]], dim=1) if k in extend else v for k, v in prompt.items()}
+
+    @staticmethod
+    def output_cache(output):
+        """The key/value cache a ``generate`` or forward output carries (``use_cache=True``)."""
+        cache = output.get("cache") if hasattr(output, "get") else None
+        if cache is None:
+            cache = output.get("past_key_values") if hasattr(output, "get") else None
+        if cache is None:
+            raise RuntimeError("the model returned no cache: run it with use_cache=True (the saliency reads keys "
+                               "and values from the cache)")
+        return cache
+
+    @staticmethod
+    def layer_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (after rotary) and values ``[B, H_kv, S, d]`` of language layer ``layer`` in ``cache``."""
+        if hasattr(cache, "layers"):
+            return cache.layers[layer].keys, cache.layers[layer].values
+        return cache[layer][0], cache[layer][1]
 
     def image_positions(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
         """Positions of the image tokens in each row of ``input_ids`` (``[B, P]``): a list of ``B`` int64
@@ -146,7 +184,7 @@ class ModelAdapter(ABC):
 class QwenVLAdapter(ModelAdapter):
     """The layout shared by Qwen2-VL, Qwen2.5-VL and Qwen3-VL ``...ForConditionalGeneration`` models:
     ``model.model.language_model`` (layers with ``self_attn.o_proj``, final ``norm``), ``model.lm_head``,
-    ``config.image_token_id`` and ``config.vision_config.{patch_size, spatial_merge_size}``."""
+    ``config.image_token_id`` (and the other vision token ids) and ``config.vision_config.spatial_merge_size``."""
 
     @property
     def text_model(self) -> nn.Module:
@@ -205,9 +243,10 @@ class QwenVLAdapter(ModelAdapter):
         return int(self.model.config.vision_config.spatial_merge_size)
 
     @property
-    def patch_size(self) -> int:
-        patch = self.model.config.vision_config.patch_size
-        return int(patch[0] if isinstance(patch, (list, tuple)) else patch)
+    def vision_token_ids(self) -> list[int]:
+        config = self.model.config
+        names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+        return [int(i) for i in (getattr(config, name, None) for name in names) if i is not None]
 
 
 _ADAPTERS: dict[str, type[ModelAdapter]] = {}

@@ -1,5 +1,6 @@
-"""Qwen3-VL: 16-px patches merged 2 x 2 into 32-px image tokens, and "deepstack": features of some vision
-layers are added to the residual stream at the image positions after the first language layers."""
+"""Qwen3-VL: 16-px patches merged 2 x 2 into 32-px image tokens. Its "deepstack" adds features of some
+vision layers to the residual stream at the image positions after the first language layers: they
+are part of the values the saliency reads at those positions, so nothing in the layout differs."""
 
 from saliency_r1.adapters.base import QwenVLAdapter, register_adapter
 
@@ -9,10 +10,3 @@ class Qwen3VLAdapter(QwenVLAdapter):
     """``Qwen3VLForConditionalGeneration``."""
 
     model_types = ("qwen3_vl",)
-
-    @property
-    def deepstack_layers(self) -> tuple[int, ...]:
-        # Qwen3VLTextModel adds the k-th deepstack feature after decoder layer k, for each of the vision
-        # layers named in deepstack_visual_indexes.
-        indexes = getattr(self.model.config.vision_config, "deepstack_visual_indexes", ()) or ()
-        return tuple(range(len(indexes)))

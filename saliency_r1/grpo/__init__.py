@@ -1,6 +1,2 @@
-"""Our lean GRPO loop: configuration, loss, checkpoints, the loop itself, and its plots."""
-
-from saliency_r1.grpo.config import TrainConfig, parse_config
-from saliency_r1.grpo.loss import group_advantages, kl_k3, policy_loss
-
-__all__ = ["TrainConfig", "group_advantages", "kl_k3", "parse_config", "policy_loss"]
+"""Our lean GRPO loop (``loop``): its configuration, loss, scores, checkpoints, the tiny model's cold
+start, and its plots, each in its own module."""

@@ -9,6 +9,10 @@ Layout of ``output_dir/checkpoint-<step>/``::
     rng-<rank>.pt     python, numpy and torch (CPU and CUDA) generator states of each process
     state.json        step, data position and anything else the loop keeps
     config.yaml       the resolved TrainConfig
+
+A LoRA run of the tiny model also keeps its cold-started base once, in ``output_dir/base-model/``
+(``save_pretrained`` of model and processor): the adapters were trained on it, and loading it is
+what resuming and :func:`load_trained` do instead of running the cold start again.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import numpy as np
 import torch
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+BASE_MODEL_DIR = "base-model"
 
 
 def rng_state() -> dict:
@@ -160,3 +165,41 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     found = [(int(m.group(1)), p) for p in Path(output_dir).glob("checkpoint-*")
              if (m := _NAME.match(p.name)) and (p / "state.json").is_file()]
     return max(found)[1] if found else None
+
+
+def save_model_dir(directory: str | Path, model, processor) -> Path:
+    """``save_pretrained`` of ``model`` and ``processor`` into ``directory``."""
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def load_trained(checkpoint: str | Path):
+    """``(model, processor, cfg)`` of a checkpoint written by ``train``, ready for evaluation (in eval
+    mode, on the device the run trained on: the GPU when there is one, unless ``use_cpu``).
+
+    A full fine-tune loads from ``checkpoint/model``; a LoRA run rebuilds its base as the run had it
+    (the checkpoint it started from, or the tiny model with its saved cold-started base) and loads
+    the adapter.
+    """
+    from saliency_r1.grpo.config import TrainConfig
+    from saliency_r1.models import load_policy, lora_base_dtype, with_lora
+
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / "config.yaml").is_file():
+        raise FileNotFoundError(f"{checkpoint} is not a checkpoint written by train (no config.yaml)")
+    cfg = TrainConfig.load(checkpoint / "config.yaml")
+    device = cfg.device_type()
+    base_dtype = lora_base_dtype(cfg, device)  # the base the adapter was trained on
+    model, processor = load_policy(cfg, base_dtype if cfg.model else torch.float32)
+    if cfg.lora:
+        if cfg.cold_start_steps and cfg.model is None:
+            base = checkpoint.parent / BASE_MODEL_DIR
+            if not base.is_dir():
+                raise FileNotFoundError(f"{checkpoint}: the tiny model's cold-started base, which its LoRA adapter "
+                                        f"was trained on, should be in {base}, which is missing")
+            load_weights(model, base)
+        model = with_lora(model.to(base_dtype), cfg)
+    load_weights(model, checkpoint / "model")
+    return model.to(device).eval(), processor, cfg

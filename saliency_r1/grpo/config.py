@@ -19,6 +19,14 @@ from pathlib import Path
 
 import yaml
 
+# The package each tracker of --report-to needs, and the extra of ours that installs it.
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work, found before anything expensive runs; the command line
+    prints it as a usage error (exit code 2) instead of a traceback."""
+
 
 def _f(default, help: str, **kwargs):
     if isinstance(default, list):
@@ -116,15 +124,15 @@ class TrainConfig:
                    "synthetic_questions": ("shade", "shape")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+                raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         positive = ("steps", "prompts_per_step", "num_generations", "max_completion_length", "inner_iterations",
                     "micro_batch_size", "log_every", "cold_start_size", "cold_start_batch")
         for name in positive:
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for tracker in self.report_to:
-            if tracker not in ("tensorboard", "wandb"):
-                raise ValueError(f"report_to entries must be tensorboard or wandb, got {tracker!r}")
+            if tracker not in TRACKER_PACKAGES:
+                raise ConfigError(f"report_to entries must be tensorboard or wandb, got {tracker!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -147,8 +155,20 @@ class TrainConfig:
         values = yaml.safe_load(Path(path).read_text()) or {}
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise ValueError(f"{path}: unknown configuration keys {sorted(unknown)}")
+            raise ConfigError(f"{path}: unknown configuration keys {sorted(unknown)}")
         return cls(**values)
+
+
+def check_trackers_installed(report_to: list[str]) -> None:
+    """Raises :class:`ConfigError` naming the extra to install when a tracker's package is missing (accelerate
+    would only warn, and the run would end without the logs that were asked for)."""
+    import importlib.util
+
+    for tracker in report_to:
+        package = TRACKER_PACKAGES[tracker]
+        if importlib.util.find_spec(package) is None:
+            raise ConfigError(f"--report-to {tracker} needs the {package} package, which is not installed: "
+                             f"pip install 'saliency-r1[{tracker}]' (or pip install {package})")
 
 
 def _parse_bool(text: str) -> bool:

@@ -5,6 +5,11 @@ capture on; score them (format, accuracy, saliency-in-box through ``saliency_r1.
 extra callables); normalise advantages within each group; take ``inner_iterations`` optimizer
 steps of the clipped surrogate (ratio to the policy that generated); log; checkpoint.
 
+What the loop calls has its own module: model loading (``saliency_r1.models``), data
+(``saliency_r1.data``), prompts (``saliency_r1.prompts``), log-probs (``saliency_r1.logps``), the
+saliency engine (``saliency_r1.saliency``), scores (``saliency_r1.grpo.scores``), the tiny model's
+cold start (``saliency_r1.grpo.cold_start``), the loss and checkpoints.
+
 Multi-process runs go through accelerate (DDP): launch the same command with ``accelerate launch``
 (GPUs) or ``torchrun`` (the CPU test); each process samples its own prompts, gradients are
 averaged by DDP, and every process holds the same parameters after each step. FSDP and DeepSpeed
@@ -16,227 +21,23 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib
 import json
-import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.utils.checkpoint
 from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from saliency_r1.adapters import get_adapter
-from saliency_r1.grpo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from saliency_r1.grpo.config import TrainConfig
+from saliency_r1.grpo.checkpoint import (BASE_MODEL_DIR, latest_checkpoint, load_checkpoint, load_weights,
+                                         save_checkpoint, save_model_dir)
+from saliency_r1.grpo.config import TrainConfig, check_trackers_installed
 from saliency_r1.grpo.loss import group_advantages, policy_loss
-
-
-# ============================================================================ model and data
-
-def load_policy(cfg: TrainConfig, dtype: torch.dtype = torch.float32):
-    """``(model, processor)``: the checkpoint at ``cfg.model``, or the tiny model built in code."""
-    if cfg.model is None:
-        from saliency_r1.tiny import build_tiny_model, build_tiny_processor
-
-        processor = build_tiny_processor(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
-        model = build_tiny_model(processor, seed=cfg.seed, dtype=dtype, num_hidden_layers=cfg.tiny_layers,
-                                 hidden_size=cfg.tiny_hidden, intermediate_size=2 * cfg.tiny_hidden)
-        return model, processor
-    from transformers import AutoModelForImageTextToText
-
-    processor = load_processor(cfg.model, cfg.min_pixels, cfg.max_pixels)
-    model = AutoModelForImageTextToText.from_pretrained(
-        cfg.model, dtype=dtype, attn_implementation={"text_config": "sdpa", "vision_config": "sdpa"})
-    # Rollouts must be drawn from pi / T exactly, or the ratio's denominator is wrong: drop the
-    # checkpoint's own logit adjustments (Qwen2.5-VL-Instruct ships repetition_penalty=1.05).
-    generation = model.generation_config
-    generation.repetition_penalty, generation.no_repeat_ngram_size, generation.min_p = 1.0, 0, None
-    return model, processor
-
-
-def lora_base_dtype(cfg: TrainConfig, device_type: str) -> torch.dtype:
-    """bf16 for the frozen base of a LoRA run under bf16, else fp32. The base gains nothing from
-    fp32 weights, and autocast would cast all of it again at every forward (it caches only the
-    casts of weights that require grad)."""
-    return torch.bfloat16 if cfg.lora and cfg.uses_bf16(device_type) else torch.float32
-
-
-def with_lora(model, cfg: TrainConfig):
-    """``model`` with trainable LoRA adapters on ``cfg.lora_targets`` (peft); the base is frozen."""
-    from peft import LoraConfig, get_peft_model
-
-    return get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                            target_modules=cfg.lora_targets))
-
-
-def load_processor(path: str, min_pixels: int, max_pixels: int):
-    """``AutoProcessor`` of a checkpoint. A tiny-model checkpoint (saved without a video processor)
-    comes back from ``AutoProcessor`` as a bare tokenizer: its processor is rebuilt in code, and
-    its tokenizer checked against the saved one."""
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(path, min_pixels=min_pixels, max_pixels=max_pixels)
-    if hasattr(processor, "image_processor"):
-        return processor
-    from saliency_r1.tiny import build_tiny_processor
-
-    tiny = build_tiny_processor(min_pixels=min_pixels, max_pixels=max_pixels, vocab_size=len(processor))
-    if tiny.tokenizer.get_vocab() != processor.get_vocab():
-        raise ValueError(f"{path}: no processor saved, and its tokenizer is not the tiny model's")
-    return tiny
-
-
-def vision_token_ids(model) -> list[int]:
-    """Ids of the image/video placeholder and vision start/end tokens of ``model``'s config.
-
-    Generation suppresses them: a sampled ``<|image_pad|>`` would be embedded as text while the
-    policy generates, but the teacher-forced forward of the update (and the saliency of a
-    teacher-forced capture) would try to place image features on it and fail.
-    """
-    config = getattr(model, "config", None)
-    names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
-    return [i for i in (getattr(config, n, None) for n in names) if i is not None]
-
-
-def load_data(cfg: TrainConfig):
-    """``(train, held_out)``: indexable sets of records (``image``, ``problem``, ``solution``, ``bbox``)."""
-    from saliency_r1.data import SyntheticConfig, SyntheticGroundedVQA, load_saliency_data
-
-    if cfg.data is None:
-        drawing = SyntheticConfig(image_size=cfg.image_size, num_objects=cfg.num_objects,
-                                  questions=cfg.synthetic_questions)
-        return (SyntheticGroundedVQA(cfg.train_size, seed=cfg.data_seed, config=drawing),
-                SyntheticGroundedVQA(cfg.eval_size, seed=cfg.eval_seed, config=drawing))
-    train = load_saliency_data(cfg.data, max_image_side=cfg.max_image_side)
-    if len(train) == 0:
-        raise ValueError(f"{cfg.data}: no usable records ({len(train.skipped)} skipped)")
-    held_out = load_saliency_data(cfg.eval_data, max_image_side=cfg.max_image_side) if cfg.eval_data else None
-    return train, held_out
-
-
-def system_prompt(cfg: TrainConfig) -> str:
-    from saliency_r1.tiny import SYSTEM_PROMPT
-
-    return cfg.system_prompt if cfg.system_prompt is not None else SYSTEM_PROMPT
-
-
-def prompt_inputs(processor, examples: list[dict], system: str, repeat: int = 1):
-    """Processor inputs of ``examples``' prompts (chat template, one image each), each repeated
-    ``repeat`` times in a row (a GRPO group), left-padded: ``input_ids``, ``attention_mask``,
-    ``pixel_values``, ``image_grid_thw`` (and ``mm_token_type_ids`` on recent transformers)."""
-    texts, images = [], []
-    for example in examples:
-        messages = [{"role": "system", "content": system},
-                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": example["problem"]}]}]
-        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        texts += [text] * repeat
-        images += [[example["image"]]] * repeat
-    processor.tokenizer.padding_side = "left"  # generation appends after the prompt
-    return processor(text=texts, images=images, return_tensors="pt", padding=True)
-
-
-def image_rows(inputs) -> list[slice]:
-    """Each sample's rows of ``pixel_values`` (one image per sample, ``t*h*w`` patches each)."""
-    counts = inputs["image_grid_thw"].prod(-1).tolist()
-    if len(counts) != inputs["input_ids"].shape[0]:
-        raise ValueError(f"expected one image per prompt, got {len(counts)} images for "
-                         f"{inputs['input_ids'].shape[0]} prompts")
-    starts = [0]
-    for count in counts:
-        starts.append(starts[-1] + count)
-    return [slice(a, b) for a, b in zip(starts[:-1], starts[1:])]
-
-
-def select(inputs, rows: list[int], pixel_rows: list[slice]) -> dict:
-    """The samples ``rows`` of a batch of prompt inputs, pixel rows included."""
-    picked = {k: v[rows] for k, v in inputs.items() if k not in ("pixel_values", "image_grid_thw")}
-    picked["pixel_values"] = torch.cat([inputs["pixel_values"][pixel_rows[r]] for r in rows])
-    picked["image_grid_thw"] = inputs["image_grid_thw"][rows]
-    return picked
-
-
-# Rows of ``[B * C]`` completion positions whose fp32 logits exist at once: 512 x Qwen's 151,936
-# vocabulary is 311 MB, where one micro-batch of 8 x 512 tokens would hold 2.5 GB for backward.
-LOGIT_CHUNK_ROWS = 512
-
-
-class _FinalHidden(torch.nn.Module):
-    """Stands in for the output head during a forward, so ``.logits`` carries the final-norm hidden
-    states and the vocabulary projection can be done chunk by chunk."""
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden
-
-
-@contextlib.contextmanager
-def _hidden_instead_of_logits(model):
-    owner = get_adapter(getattr(model, "module", model)).model  # inside DDP and peft wrappers
-    head = owner.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear):
-        raise TypeError(f"expected a linear output head, got {type(head).__name__}")
-    owner.set_output_embeddings(_FinalHidden())
-    try:
-        yield head
-    finally:
-        owner.set_output_embeddings(head)
-
-
-def _chunk_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor,
-                 temperature: float) -> torch.Tensor:
-    logits = torch.nn.functional.linear(hidden, weight, bias).float() / temperature
-    return logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-
-
-def token_logps(hidden: torch.Tensor, head: torch.nn.Linear, ids: torch.Tensor, temperature: float,
-                chunk_rows: int = LOGIT_CHUNK_ROWS) -> torch.Tensor:
-    """``log softmax(head(hidden) / temperature)[ids]`` for ``hidden [..., D]`` and ``ids [...]``.
-
-    The fp32 logits of ``chunk_rows`` rows exist at a time: under autograd each chunk is
-    checkpointed (its logits are recomputed in backward instead of kept), so the memory held for
-    backward is the hidden states, not ``rows x vocabulary``.
-    """
-    flat_hidden, flat_ids = hidden.reshape(-1, hidden.shape[-1]), ids.reshape(-1)
-    checkpointed = torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad)
-    chunks = []
-    for start in range(0, flat_ids.numel(), chunk_rows):
-        rows = slice(start, start + chunk_rows)
-        args = (flat_hidden[rows], head.weight, head.bias, flat_ids[rows], temperature)
-        chunks.append(torch.utils.checkpoint.checkpoint(_chunk_logps, *args, use_reentrant=False)
-                      if checkpointed else _chunk_logps(*args))
-    return torch.cat(chunks).view(ids.shape) if chunks else flat_hidden.new_zeros(ids.shape, dtype=torch.float32)
-
-
-def completion_logps(model, prompt: dict, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
-                     temperature: float) -> torch.Tensor:
-    """Log-probs ``[b, C]`` of the completion tokens under ``model`` (teacher-forced, one forward).
-
-    Logits are divided by the sampling temperature, so the ratio compares the distributions that
-    were sampled from (as TRL does). The vocabulary projection runs after the forward, in
-    checkpointed chunks (:func:`token_logps`).
-    """
-    extend = {"input_ids": completion_ids, "attention_mask": completion_mask.to(prompt["attention_mask"].dtype)}
-    if "mm_token_type_ids" in prompt:  # completion tokens are text
-        extend["mm_token_type_ids"] = torch.zeros_like(completion_ids, dtype=prompt["mm_token_type_ids"].dtype)
-    batch = {k: torch.cat([prompt[k], extend[k]], dim=1) if k in extend else v for k, v in prompt.items()}
-    length = completion_ids.shape[1]
-    with _hidden_instead_of_logits(model) as head:
-        hidden = model(**batch, logits_to_keep=length + 1, use_cache=False).logits[:, :-1]
-    return token_logps(hidden, head, completion_ids, temperature)
-
-
-def pad_completions(completions: list[torch.Tensor], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pads per-rollout completion ids: ``(ids [B, C], mask [B, C])``."""
-    length = max(1, max(len(c) for c in completions))
-    ids = torch.full((len(completions), length), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((len(completions), length), dtype=torch.float32, device=device)
-    for row, tokens in enumerate(completions):
-        ids[row, :len(tokens)] = tokens.to(device)
-        mask[row, :len(tokens)] = 1.0
-    return ids, mask
+from saliency_r1.logps import completion_logps, pad_completions
+from saliency_r1.models import load_policy, lora_base_dtype, with_lora
+from saliency_r1.prompts import image_rows, prompt_inputs, select_rows, system_prompt_or_default
 
 
 class PromptOrder:
@@ -254,118 +55,6 @@ class PromptOrder:
         return self._perm[offset]
 
 
-# ============================================================================ rewards
-
-def load_reward_callable(spec: str):
-    """``"module:function"`` to the callable."""
-    module, _, name = spec.partition(":")
-    if not name:
-        raise ValueError(f"extra reward {spec!r} must be written 'module:function'")
-    return getattr(importlib.import_module(module), name)
-
-
-def score(rollout, examples: list[dict], extra: list) -> dict[str, torch.Tensor]:
-    """Each reward component per rollout (float32 ``[B]``, on the maps' device), unweighted."""
-    from saliency_r1.rewards import accuracy_reward, format_reward, saliency_rewards
-
-    device = rollout.valid.device
-    columns = {"solution": [e["solution"] for e in examples], "bbox": [e["bbox"] for e in examples],
-               "image": [e["image"] for e in examples]}
-    form = torch.tensor(format_reward(rollout.texts), device=device)
-    # SPEC section 4: the saliency reward is multiplied by the format validity.
-    scores = {"format": form,
-              "accuracy": torch.tensor(accuracy_reward(rollout.texts, **columns), device=device),
-              "saliency": saliency_rewards(rollout.maps, columns["bbox"], columns["image"], rollout.valid * form)}
-    for fn in extra:
-        name = getattr(fn, "__name__", "extra")
-        values = fn(completions=rollout.texts, saliency_maps=rollout.maps, saliency_valid=rollout.valid, **columns)
-        scores[name] = torch.tensor([math.nan if v is None else v for v in values], device=device, dtype=torch.float32)
-    return scores
-
-
-def pointing_rate(rollout, examples: list[dict], form: torch.Tensor) -> float:
-    """Pointing-game hit rate over the rollouts (host-side; called at log steps only), gated like
-    the reward (SPEC section 4): well-formed spans (``rollout.valid``) and format (``form``)."""
-    from saliency_r1.data import parse_normalised_boxes
-    from saliency_r1.metrics import pixel_boxes, pointing_game_hit
-
-    hits = 0
-    for maps, valid, example in zip(rollout.maps, (rollout.valid * form).tolist(), examples):
-        width, height = example["image"].size
-        if valid and maps:
-            boxes = pixel_boxes(parse_normalised_boxes(example["bbox"]), height, width)
-            hits += pointing_game_hit(maps[0], (height, width), boxes)
-    return hits / max(1, len(examples))
-
-
-# ============================================================================ cold start
-
-def cold_start_set(data, size: int) -> tuple[list[dict], list[str]]:
-    """The cold start's fixed set, as a real cold start is: the first ``size`` examples of ``data``,
-    each with one worked completion whose reasoning names an object drawn once per image (the
-    target for a third of them with three objects, so where the policy looks is left for GRPO).
-    With this set, naming the target puts the map on it (two model seeds); drawing a fresh object
-    at every visit instead gave cold starts where naming the target barely moves the map, or
-    moves it away (bench/RESULTS.md, evidence point 8)."""
-    from saliency_r1.data.synthetic import worked_completion
-
-    if not hasattr(data, "config"):
-        raise ValueError("cold_start_steps needs the synthetic set (its reasoning can be written out)")
-    examples = [data[i] for i in range(min(size, len(data)))]
-    texts = [worked_completion(example, random.Random(i).randrange(len(example["objects"])))
-             for i, example in enumerate(examples)]
-    return examples, texts
-
-
-def cold_start(model, processor, data, cfg: TrainConfig, device) -> list[float]:
-    """Supervised steps on worked completions of the synthetic set (the paper's cold start): the
-    policy learns the ``<think>/<answer>`` format and to name an object of the image and read it
-    before answering. The set (:func:`cold_start_set`) is cycled in order, ``cold_start_batch``
-    examples a step."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.cold_start_lr)
-    eos = processor.tokenizer.eos_token_id
-    examples, texts = cold_start_set(data, cfg.cold_start_size)
-    completions = [torch.tensor(processor.tokenizer(text, add_special_tokens=False)["input_ids"] + [eos])
-                   for text in texts]
-    # The processor is most of a tiny step's time: run it once over the set, then pick rows.
-    prompts = prompt_inputs(processor, examples, system_prompt(cfg))
-    pixel_rows = image_rows(prompts)
-    batches = [list(range(i, min(i + cfg.cold_start_batch, len(examples))))
-               for i in range(0, len(examples), cfg.cold_start_batch)]
-    model.train()
-    losses = []
-    for step in tqdm(range(cfg.cold_start_steps), desc="cold start", disable=not cfg.progress, leave=False):
-        picks = batches[step % len(batches)]
-        prompt = {k: v.to(device) for k, v in select(prompts, picks, pixel_rows).items()}
-        completion_ids, mask = pad_completions([completions[i] for i in picks], processor.tokenizer.pad_token_id,
-                                               device)
-        logps = completion_logps(model, prompt, completion_ids, mask, 1.0)
-        loss = -(logps * mask).sum() / mask.sum()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())  # milliseconds of tiny-model steps: a sync per step is immaterial here
-    model.eval()
-    return losses
-
-
-def export_cold_start(cfg: TrainConfig, directory: str | Path) -> Path:
-    """Builds the tiny model, runs ``cfg.cold_start_steps`` of cold start and saves model and
-    processor to ``directory`` (``save_pretrained``), so that runs can start from it with
-    ``--model DIRECTORY --cold-start-steps 0`` (the evidence runs and the tests share one)."""
-    directory = Path(directory)
-    if cfg.model is not None:
-        raise ValueError("export_cold_start builds the tiny model: leave cfg.model unset")
-    model, processor = load_policy(cfg)
-    train_data, _ = load_data(cfg)
-    cold_start(model, processor, train_data, cfg, torch.device("cpu"))
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    return directory
-
-
-# ============================================================================ the run
-
 @dataclass
 class RunResult:
     """Where a run put its outputs, and its held-out evaluations (``{step: metrics}``)."""
@@ -374,6 +63,7 @@ class RunResult:
     plot_path: Path
     checkpoint: Path
     evaluations: dict[int, dict] = field(default_factory=dict)
+    tracker_dirs: dict[str, Path] = field(default_factory=dict)  # local folder of each --report-to tracker
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):
@@ -403,10 +93,14 @@ def train(cfg: TrainConfig) -> RunResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    from saliency_r1.data.sets import load_data
     from saliency_r1.evaluate import evaluate
-    from saliency_r1.explain import generate_with_saliency
+    from saliency_r1.grpo.cold_start import cold_start
     from saliency_r1.grpo.plots import plot_reward_curves
+    from saliency_r1.grpo.scores import load_reward_callable, pointing_rate, score_rollouts
+    from saliency_r1.saliency import generate_with_saliency
 
+    check_trackers_installed(cfg.report_to)  # before anything loads
     accelerator = Accelerator(cpu=cfg.device_type() == "cpu", log_with=cfg.report_to or None,
                               project_dir=cfg.output_dir)
     check_distribution(accelerator.distributed_type)
@@ -418,14 +112,23 @@ def train(cfg: TrainConfig) -> RunResult:
     model, processor = load_policy(cfg, base_dtype if cfg.model else torch.float32)
     model.to(device)
     train_data, held_out = load_data(cfg)
-    system = system_prompt(cfg)
+    system = system_prompt_or_default(cfg.system_prompt)
     extra = [load_reward_callable(spec) for spec in cfg.extra_rewards]
     weights = {"format": cfg.format_weight, "accuracy": cfg.accuracy_weight, "saliency": cfg.saliency_weight}
+    resume_from = latest_checkpoint(out) if cfg.resume == "auto" else cfg.resume
 
-    # Cold start of the tiny model (deterministic; rerun on resume, where the checkpoint's weights
-    # then replace it).
+    # The tiny model's cold start (deterministic). A LoRA run keeps the cold-started base once, beside
+    # its checkpoints, for resuming and evaluation to load; resuming a full fine-tune replaces every
+    # weight, so it needs none.
     if cfg.cold_start_steps and cfg.model is None:
-        cold_start(model, processor, train_data, cfg, device)
+        base_dir = out / BASE_MODEL_DIR
+        if cfg.lora and resume_from:
+            load_weights(model, base_dir)
+        elif not resume_from:
+            cold_start(model, processor, train_data, cfg, device)
+            if cfg.lora and accelerator.is_main_process:
+                save_model_dir(base_dir, model, processor)
+            accelerator.wait_for_everyone()
     if cfg.lora:  # after the tiny model's cold start, which trains all of its weights in fp32
         model = with_lora(model.to(base_dtype), cfg)
     reference = None
@@ -441,10 +144,8 @@ def train(cfg: TrainConfig) -> RunResult:
     set_seed(cfg.seed + rank)  # distinct sampling noise per process; DDP has just synchronised the weights
     policy = accelerator.unwrap_model(model)
     adapter = get_adapter(policy)
-    suppress = vision_token_ids(adapter.model)
 
     start_step, evaluations = 0, {}
-    resume_from = latest_checkpoint(out) if cfg.resume == "auto" else cfg.resume
     if resume_from:
         state = load_checkpoint(resume_from, model=policy, optimizer=optimizer, scheduler=scheduler, rank=rank)
         start_step = state["step"]
@@ -469,7 +170,7 @@ def train(cfg: TrainConfig) -> RunResult:
         # Every process evaluates its share (no rank waits in a collective while another evaluates
         # alone, which a long evaluation would turn into a timeout); rates combine by sample count.
         shard = Subset(held_out, range(rank, min(cfg.eval_limit, len(held_out)), world))
-        names = ("saliency_in_box", "pointing_game", "accuracy", "format", "valid")
+        names = ("saliency_in_box", "pointing_game", "accuracy", "format")
         local = evaluate(policy, processor, shard, system_prompt=system, max_new_tokens=cfg.max_completion_length,
                          path=cfg.saliency_path, progress=cfg.progress and accelerator.is_main_process,
                          bf16=cfg.uses_bf16(device.type)) if len(shard) else dict.fromkeys(names, 0.0) | {"samples": 0}
@@ -497,16 +198,17 @@ def train(cfg: TrainConfig) -> RunResult:
         first = step * global_prompts + rank * cfg.prompts_per_step
         prompts = [train_data[order[first + j]] for j in range(cfg.prompts_per_step)]
         examples = [e for e in prompts for _ in range(cfg.num_generations)]
-        inputs = prompt_inputs(processor, prompts, system, repeat=cfg.num_generations).to(device)
+        inputs = prompt_inputs(processor, adapter, prompts, system, repeat=cfg.num_generations).to(device)
         policy.eval()
         with torch.no_grad(), _autocast(cfg, device):
             rollout = generate_with_saliency(policy, processor, inputs, adapter=adapter, path=cfg.saliency_path,
                                              do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
-                                             max_new_tokens=cfg.max_completion_length, suppress_tokens=suppress)
+                                             max_new_tokens=cfg.max_completion_length,
+                                             suppress_tokens=adapter.vision_token_ids)
         clock.lap("rollout")
 
         # ---- 2. rewards, 3. group-normalised advantages
-        scores = score(rollout, examples, extra)
+        scores = score_rollouts(rollout, examples, extra)
         total = sum(weights.get(name, 1.0) * value.nan_to_num(0.0) for name, value in scores.items())
         # Over every process's rollouts (the batch std is global), then this process's slice.
         local = total.numel()
@@ -525,9 +227,9 @@ def train(cfg: TrainConfig) -> RunResult:
         with torch.no_grad(), _autocast(cfg, device):  # still in eval mode: no dropout in the denominators
             # The ratio's denominator: the generating policy. Only needed when later inner
             # iterations have moved away from it; the first uses logps.detach().
-            old = [completion_logps(policy, select(inputs, rows, pixel_rows), completion_ids[rows], mask[rows],
+            old = [completion_logps(policy, select_rows(inputs, rows, pixel_rows), completion_ids[rows], mask[rows],
                                     cfg.temperature) for rows in micro] if cfg.inner_iterations > 1 else None
-            ref = [_reference_logps(reference, policy, cfg, select(inputs, rows, pixel_rows), completion_ids[rows],
+            ref = [_reference_logps(reference, policy, cfg, select_rows(inputs, rows, pixel_rows), completion_ids[rows],
                                     mask[rows]) for rows in micro] if cfg.beta != 0.0 else None
         clip_fraction = torch.zeros((), device=device)
         kl = torch.zeros((), device=device)
@@ -536,7 +238,7 @@ def train(cfg: TrainConfig) -> RunResult:
             for m, rows in enumerate(micro):
                 sync = m + 1 == len(micro)  # DDP all-reduces gradients once per optimizer step
                 with (contextlib.nullcontext() if sync else accelerator.no_sync(model)), _autocast(cfg, device):
-                    logps = completion_logps(model, select(inputs, rows, pixel_rows), completion_ids[rows],
+                    logps = completion_logps(model, select_rows(inputs, rows, pixel_rows), completion_ids[rows],
                                              mask[rows], cfg.temperature)
                     loss, stats = policy_loss(
                         logps, old[m] if old else logps.detach(), advantages[rows], mask[rows],
@@ -563,12 +265,12 @@ def train(cfg: TrainConfig) -> RunResult:
         pending.append((step, {**{f"reward/{k}": v.nanmean() for k, v in scores.items()},
                                "reward/total": total.mean(), "saliency_in_box": scores["saliency"].mean(),
                                "accuracy": scores["accuracy"].mean(), "format": scores["format"].mean(),
-                               "valid": rollout.valid.mean(), "kl": kl, "clip_fraction": clip_fraction,
+                               "kl": kl, "clip_fraction": clip_fraction,
                                "completion_length/mean": lengths.mean(), "completion_length/max": lengths.max(),
                                "learning_rate": torch.tensor(learning_rate)}))
         if timed:
             record = _flush(pending, accelerator)
-            local_rate = torch.tensor(pointing_rate(rollout, examples, scores["format"]), device=device)
+            local_rate = torch.tensor(pointing_rate(rollout, examples), device=device)
             record["pointing_game"] = float(accelerator.reduce(local_rate, reduction="mean"))  # every process's
             # generate() ends in a host sync (stopping criteria); the rest of the synced rollout lap is saliency.
             generation = rollout.timings["generate"]
@@ -594,6 +296,10 @@ def train(cfg: TrainConfig) -> RunResult:
                             config=cfg, rank=rank, is_main=accelerator.is_main_process, processor=processor)
             accelerator.wait_for_everyone()
     bar.close()
+    tracker_dirs = {}
+    if cfg.report_to and accelerator.is_main_process:
+        tracker_dirs = {name: Path(directory) for name in cfg.report_to
+                        if (directory := _tracker_dir(accelerator.get_tracker(name))) is not None}
     if cfg.report_to:
         accelerator.end_training()
     plot_path = out / "reward_curves.png"
@@ -601,7 +307,15 @@ def train(cfg: TrainConfig) -> RunResult:
         plot_reward_curves(log_path, plot_path)
     accelerator.wait_for_everyone()
     return RunResult(log_path=log_path, plot_path=plot_path, checkpoint=out / f"checkpoint-{cfg.steps}",
-                     evaluations=evaluations)
+                     evaluations=evaluations, tracker_dirs=tracker_dirs)
+
+
+def _tracker_dir(tracker) -> str | None:
+    """Where an accelerate tracker writes: TensorBoard's log directory, a W&B run's local directory."""
+    if getattr(tracker, "logging_dir", None):
+        return tracker.logging_dir
+    run = getattr(tracker, "run", None)
+    return str(Path(run.dir).parent) if getattr(run, "dir", None) else None
 
 
 def _reference_logps(reference, policy, cfg, prompt, completion_ids, mask):
@@ -637,26 +351,3 @@ class _Clock:
         now = time.perf_counter()
         self.laps[name] = self.laps.get(name, 0.0) + now - self._last
         self._last = now
-
-
-def load_trained(checkpoint: str | Path):
-    """``(model, processor, cfg)`` of a checkpoint written by :func:`train`, ready for evaluation
-    (in eval mode, on the device the run trained on: the GPU when there is one, unless ``use_cpu``).
-
-    A full fine-tune loads from ``checkpoint/model``; a LoRA run rebuilds its base as the run did
-    (checkpoint path or tiny model, plus the deterministic cold start) and loads the adapter.
-    """
-    from saliency_r1.grpo.checkpoint import load_weights
-
-    checkpoint = Path(checkpoint)
-    cfg = TrainConfig.load(checkpoint / "config.yaml")
-    device = cfg.device_type()
-    base_dtype = lora_base_dtype(cfg, device)  # the base the adapter was trained on
-    model, processor = load_policy(cfg, base_dtype if cfg.model else torch.float32)
-    if cfg.lora:
-        if cfg.cold_start_steps and cfg.model is None:
-            train_data, _ = load_data(cfg)
-            cold_start(model, processor, train_data, cfg, torch.device("cpu"))
-        model = with_lora(model.to(base_dtype), cfg)
-    load_weights(model, checkpoint / "model")
-    return model.to(device).eval(), processor, cfg

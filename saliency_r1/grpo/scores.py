@@ -1,0 +1,55 @@
+"""Scoring a batch of rollouts in the GRPO loop: each reward component per rollout, as device
+tensors (no host sync), and the pointing-game rate at log steps."""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import torch
+
+
+def load_reward_callable(spec: str):
+    """``"module:function"`` to the callable."""
+    module, _, name = spec.partition(":")
+    if not name:
+        raise ValueError(f"extra reward {spec!r} must be written 'module:function'")
+    return getattr(importlib.import_module(module), name)
+
+
+def score_rollouts(rollout, examples: list[dict], extra: list) -> dict[str, torch.Tensor]:
+    """Each reward component per rollout (float32 ``[B]``, on the maps' device), unweighted.
+
+    ``format`` is the rollout's validity (the one well-formedness predicate, ``docs/method.md``
+    section 2), and the saliency reward is multiplied by it. ``extra`` callables take TRL's form
+    and also receive ``saliency_maps`` and ``saliency_valid``.
+    """
+    from saliency_r1.rewards import accuracy_reward, saliency_in_box
+
+    device = rollout.valid.device
+    columns = {"solution": [e["solution"] for e in examples], "bbox": [e["bbox"] for e in examples],
+               "image": [e["image"] for e in examples]}
+    sizes = [(e["image"].height, e["image"].width) for e in examples]
+    scores = {"format": rollout.valid,
+              "accuracy": torch.tensor(accuracy_reward(rollout.texts, **columns), device=device),
+              "saliency": saliency_in_box([maps[0] for maps in rollout.maps], columns["bbox"], sizes,
+                                          valid=rollout.valid)}
+    for fn in extra:
+        name = getattr(fn, "__name__", "extra")
+        values = fn(completions=rollout.texts, saliency_maps=rollout.maps, saliency_valid=rollout.valid, **columns)
+        scores[name] = torch.tensor([math.nan if v is None else v for v in values], device=device, dtype=torch.float32)
+    return scores
+
+
+def pointing_rate(rollout, examples: list[dict]) -> float:
+    """Pointing-game hit rate over the rollouts, an invalid rollout a miss (host-side; log steps only)."""
+    from saliency_r1.data.loader import parse_normalised_boxes
+    from saliency_r1.metrics import pixel_boxes, pointing_game_hit
+
+    hits = 0
+    for maps, valid, example in zip(rollout.maps, rollout.valid.tolist(), examples):
+        width, height = example["image"].size
+        if valid and maps:
+            boxes = pixel_boxes(parse_normalised_boxes(example["bbox"]), height, width)
+            hits += pointing_game_hit(maps[0], (height, width), boxes)
+    return hits / max(1, len(examples))
