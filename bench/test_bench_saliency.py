@@ -11,7 +11,7 @@ Both start from what generation leaves behind, built outside the timed region:
   for free; here it is computed from the cache) and the key/value cache.
 Timing covers the saliency computation from those (conservative for ours: the baseline's softmax rows
 are not timed). Peak memory covers building them too, since holding them is the extra cost of each way.
-Both compute the same frozen-norm attribution (SPEC.md section 3; think position t on both hops), and
+Both compute the same frozen-norm attribution (docs/method.md section 3; think position t on both hops), and
 the test checks that they agree before reporting.
 """
 
@@ -78,7 +78,7 @@ class Rollouts:
         # Completion layout: <think>, think tokens, </think>, <answer>, answer tokens, </answer>, filler.
         self.think_lengths = [cfg.think - 5 * r for r in range(b)]
         self.think_steps = [list(range(1, 1 + t)) for t in self.think_lengths]
-        # The answer *positions* are the rows that predicted the answer tokens (SPEC.md section 2).
+        # The answer *positions* are the rows that predicted the answer tokens (docs/method.md section 2).
         self.answer_steps = [[t + 3 + j - 1 for j in range(cfg.answers)] for t in self.think_lengths]
         self.image_start = cfg.text_before
 

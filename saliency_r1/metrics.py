@@ -1,8 +1,8 @@
-"""Interpretability metrics of SPEC.md section 7: pointing game and energy-based pointing game.
+"""Interpretability metrics of docs/method.md section 7: pointing game and energy-based pointing game.
 
 Both read one saliency map per sample (``[h', w']``, raw: ``relu`` is applied here), the image size
 ``(H, W)`` and the sample's boxes as inclusive pixel ranges ``(x_lo, y_lo, x_hi, y_hi)``
-(:func:`pixel_boxes` converts normalised boxes by SPEC section 4's floor rule).
+(:func:`pixel_boxes` converts normalised boxes by docs/method.md section 4's floor rule).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def pixel_boxes(boxes, height: int, width: int) -> list[tuple[int, int, int, int
 
 
 def upsample(saliency: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """``relu(map)`` upsampled bilinearly to ``[H, W]`` with half-pixel centres (SPEC section 4)."""
+    """``relu(map)`` upsampled bilinearly to ``[H, W]`` with half-pixel centres (docs/method.md section 4)."""
     grid = saliency.detach().float().clamp(min=0)[None, None]
     return F.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)[0, 0]
 

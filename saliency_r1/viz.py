@@ -2,7 +2,7 @@
 reasoning tokens the answer read.
 
 Everything draws on ``matplotlib.figure.Figure`` objects (no pyplot state, any backend) and
-:func:`save_png` writes them. Maps are shown as SPEC.md section 4 stretches them for the reward:
+:func:`save_png` writes them. Maps are shown as docs/method.md section 4 stretches them for the reward:
 ``relu``, then bilinear upsampling with half-pixel centres over the original image.
 
 >>> fig = plot_explanation(explanation)          # doctest: +SKIP

@@ -37,7 +37,7 @@ def test_synthetic_box_holds_the_answer(size, questions):
             assert (shape if example["solution"] == color else color) in example["problem"]
         assert worked_completion(example) == f"<think>{color} {shade if questions == 'shade' else shape}</think>" \
             f"<answer>{example['solution']}</answer>"
-        # The normalised string maps back to the pixel box by SPEC section 4's floor rule.
+        # The normalised string maps back to the pixel box by docs/method.md section 4's floor rule.
         x1, y1, x2, y2 = parse_normalised_boxes(example["bbox"])[0]
         assert (math.floor(size * x1), math.floor(size * y1), math.floor(size * x2), math.floor(size * y2)) == \
             (x_lo, y_lo, x_hi, y_hi)

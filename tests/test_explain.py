@@ -1,4 +1,4 @@
-"""From rollouts to maps, end to end, against a brute-force computation written here (SPEC.md section 3).
+"""From rollouts to maps, end to end, against a brute-force computation written here (docs/method.md section 3).
 
 The brute force shares nothing with the package: eager attention with ``output_attentions=True`` over
 each rollout alone (no padding), values from hooks on ``v_proj``, each image token's contribution at

@@ -1,4 +1,4 @@
-"""Pointing game and energy-based pointing game (SPEC.md section 7)."""
+"""Pointing game and energy-based pointing game (docs/method.md section 7)."""
 
 import doctest
 
@@ -68,7 +68,7 @@ def test_energy_matches_the_reward_op(grid, size):
 
 
 def test_pixel_boxes_floor_rule_and_clamp():
-    # SPEC section 4: x by the width, y by the height (the public code scales y_lo by the width).
+    # docs/method.md section 4: x by the width, y by the height (the public code scales y_lo by the width).
     assert pixel_boxes([[0.25, 0.5, 0.75, 1.0]], 40, 80) == [(20, 20, 60, 39)]
 
 

@@ -51,7 +51,7 @@ def test_truncated_completion_keeps_a_closed_answer(tok):
 
 @pytest.mark.parametrize("text", ["<think> hm </think> red circle is", "<think> hm </think> yes <answer"])
 def test_truncated_plain_answer_is_invalid(tok, text):
-    # Without the end-of-turn token a plain answer may be cut mid-phrase or mid-tag (SPEC section 2).
+    # Without the end-of-turn token a plain answer may be cut mid-phrase or mid-tag (docs/method.md section 2).
     assert not find_spans(ids(tok, text), tok).valid
 
 

@@ -1,4 +1,4 @@
-"""Plain-torch reference of ``saliency::layer_saliency`` (SPEC.md section 3): materialises every probability.
+"""Plain-torch reference of ``saliency::layer_saliency`` (docs/method.md section 3): materialises every probability.
 
 For tests and benchmarks only. It computes in the dtype of its inputs (bf16 inputs give bf16 arithmetic,
 float64 inputs float64), which is what the tests need: the kernels' error against the float64 reference is

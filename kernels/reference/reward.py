@@ -1,4 +1,4 @@
-"""Plain-torch references of the reward op (SPEC.md section 4): they materialise the upsampled map.
+"""Plain-torch references of the reward op (docs/method.md section 4): they materialise the upsampled map.
 
 ``reward_reference`` is the ground truth the kernels are tested against (float64, the full
 ``H x W`` image per rollout). ``reward_public_way`` is the public Saliency-R1 code's per-rollout
@@ -56,7 +56,7 @@ def reward_public_way(saliency: torch.Tensor, image_size: tuple[int, int], bbox:
     The public ``think_saliency_reward`` takes the map already resized to the image with
     ``cv2.resize`` (bilinear, half-pixel centres, which ``interpolate(align_corners=False)``
     matches when upsampling), parses the box string, and sums an inclusive slice. It scales the
-    box's lower y bound by the image width; here it is scaled by the height (SPEC.md section 4).
+    box's lower y bound by the image width; here it is scaled by the height (docs/method.md section 4).
     It handles one box; given several, this sums the union of their slices (one resize).
 
     Args:

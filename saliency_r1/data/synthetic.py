@@ -134,7 +134,7 @@ def make_example(seed: int, index: int, config: SyntheticConfig = SyntheticConfi
     else:
         problem, solution = f"What shape is the {color} object?", shape
     x_lo, y_lo, x_hi, y_hi = boxes[target]
-    # Normalised so that floor(W * x1) = x_lo and floor(W * x2) = x_hi (SPEC section 4): the
+    # Normalised so that floor(W * x1) = x_lo and floor(W * x2) = x_hi (docs/method.md section 4): the
     # centre of each pixel, which survives rounding to 4 decimals.
     bbox = "[" + ",".join(f"{(v + 0.5) / size:.4f}" for v in (x_lo, y_lo, x_hi, y_hi)) + "]"
     return {"image": image, "problem": problem, "solution": solution, "bbox": bbox,

@@ -1,6 +1,6 @@
 """GRPO pieces as plain functions: group advantages, the clipped surrogate, the k3 KL.
 
-SPEC.md section 5. Shapes: ``B`` rollouts (``B = prompts x G``, each group of ``G`` contiguous),
+docs/method.md section 5. Shapes: ``B`` rollouts (``B = prompts x G``, each group of ``G`` contiguous),
 ``T`` completion positions (right-padded, ``mask`` marks the real tokens).
 """
 
