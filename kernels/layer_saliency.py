@@ -1,4 +1,4 @@
-"""Triton kernel of ``saliency::layer_saliency`` (SPEC.md section 3): one layer's ``S(a, i)``, summed over heads.
+"""Triton kernel of ``saliency::layer_saliency`` (docs/method.md section 3): one layer's ``S(a, i)``, summed over heads.
 
 Nothing of size ``[T, N]``, ``[A, T]`` or ``[A, N, V]`` touches global memory: every probability is recomputed
 in registers, tile by tile, from the queries, the keys and the row's log-sum-exp,
@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-_PATHS = ("cot", "direct", "both")
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from saliency_r1.kernels.checks import check_layer_saliency_metadata
+
 
 # One program per (tile of image tokens, tile of answer rows, rollout), looping over every head inside.
 # Why not one program per head: the sum over heads then stays in registers, the output is written once
@@ -62,16 +62,22 @@ def _layer_saliency_kernel(
         stride_ua_b, stride_ua_h, stride_ua_a, stride_ua_d,
         stride_len_b, stride_len_j,
         stride_o_b, stride_o_a, stride_o_n,
-        heads, groups, a_max, n_max, scale,
+        heads, groups, a_max, n_max, t_max, scale,
         COT: tl.constexpr, DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr, WIDEN: tl.constexpr,
         HEAD_SIZE: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
         BLOCK_D: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_a = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    n_b = tl.load(lengths_ptr + b * stride_len_b)
-    t_b = tl.load(lengths_ptr + b * stride_len_b + stride_len_j)
-    a_b = tl.load(lengths_ptr + b * stride_len_b + 2 * stride_len_j)
+    n_raw = tl.load(lengths_ptr + b * stride_len_b)
+    t_raw = tl.load(lengths_ptr + b * stride_len_b + stride_len_j)
+    a_raw = tl.load(lengths_ptr + b * stride_len_b + 2 * stride_len_j)
+    # Lengths out of range make the rollout's whole output NaN (checking them on the host would cost a
+    # synchronisation per layer); the work below stays in bounds regardless.
+    bad = (n_raw < 0) | (n_raw > n_max) | (t_raw < 0) | (t_raw > t_max) | (a_raw < 0) | (a_raw > a_max)
+    n_b = tl.minimum(tl.maximum(n_raw, 0), n_max)
+    t_b = tl.minimum(tl.maximum(t_raw, 0), t_max)
+    a_b = tl.minimum(tl.maximum(a_raw, 0), a_max)
 
     offs_a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -132,78 +138,9 @@ def _layer_saliency_kernel(
             u_a = tl.load(ua_ptrs, mask=mask_d[:, None] & mask_a[None, :], other=0.0)
             acc += weight * _dot(v_i, u_a, None, DOT_PRECISION, WIDEN)
     acc = tl.where(mask_n[:, None] & mask_a[None, :], acc, 0.0)  # padding outputs are 0
+    acc = tl.where(bad, float("nan"), acc)
     out_ptrs = out_ptr + b * stride_o_b + offs_n[:, None] * stride_o_n + offs_a[None, :] * stride_o_a
     tl.store(out_ptrs, acc, mask=(offs_n[:, None] < n_max) & (offs_a[None, :] < a_max))
-
-
-def _check(name: str, tensor: torch.Tensor, dims: int, layout: str) -> None:
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.dim() != dims:
-        raise ValueError(f"{name} must be {layout}, got shape {tuple(tensor.shape)}")
-
-
-def _validate(q_think, lse_think, q_answer, lse_answer, k_think, k_image, v_image, u_answer, lengths, path) -> None:
-    """The checks of the CPU kernel (kernels/cpu/layer_saliency.cpp), with the same messages."""
-    if path not in _PATHS:
-        raise ValueError(f"path must be one of 'cot', 'direct', 'both', got {path!r}")
-    for name, tensor, dims, layout in (
-            ("q_think", q_think, 4, "[B, H, T, d]"), ("lse_think", lse_think, 3, "[B, H, T]"),
-            ("q_answer", q_answer, 4, "[B, H, A, d]"), ("lse_answer", lse_answer, 3, "[B, H, A]"),
-            ("k_think", k_think, 4, "[B, H_kv, T, d]"), ("k_image", k_image, 4, "[B, H_kv, N, d]"),
-            ("v_image", v_image, 4, "[B, H_kv, N, d]"), ("u_answer", u_answer, 4, "[B, H, A, d]"),
-            ("lengths", lengths, 2, "[B, 3] (N_b, T_b, A_b)")):
-        _check(name, tensor, dims, layout)
-    if lengths.shape[1] != 3:
-        raise ValueError(f"lengths must be [B, 3] (N_b, T_b, A_b), got shape {tuple(lengths.shape)}")
-    batch = q_answer.shape[0]
-    named = {"q_think": q_think, "lse_think": lse_think, "lse_answer": lse_answer, "k_think": k_think,
-             "k_image": k_image, "v_image": v_image, "u_answer": u_answer, "lengths": lengths}
-    for name, tensor in named.items():
-        if tensor.shape[0] != batch:
-            raise ValueError(f"batch size mismatch: {name} has B={tensor.shape[0]} but q_answer has B={batch}")
-        if tensor.device != q_answer.device:
-            raise ValueError(f"{name} is on {tensor.device} but q_answer is on {q_answer.device}")
-    heads, kv_heads, head_size = q_answer.shape[1], k_image.shape[1], q_answer.shape[3]
-    for name in ("q_think", "lse_think", "lse_answer", "u_answer"):
-        if named[name].shape[1] != heads:
-            raise ValueError(f"head count mismatch: {name} has H={named[name].shape[1]} but q_answer has H={heads}")
-    for name in ("k_think", "v_image"):
-        if named[name].shape[1] != kv_heads:
-            raise ValueError(f"kv head count mismatch: {name} has H_kv={named[name].shape[1]} "
-                             f"but k_image has H_kv={kv_heads}")
-    if kv_heads == 0 or heads % kv_heads:
-        raise ValueError(f"q_answer's H={heads} must be a positive multiple of k_image's H_kv={kv_heads}")
-    for name in ("q_think", "k_think", "k_image", "v_image", "u_answer"):
-        if named[name].shape[3] != head_size:
-            raise ValueError(f"head size mismatch: {name} has d={named[name].shape[3]} "
-                             f"but q_answer has d={head_size}")
-    think, answers, image = q_think.shape[2], q_answer.shape[2], k_image.shape[2]
-    for name, size, letter, like, limit in (
-            ("lse_think", lse_think.shape[2], "T", "q_think", think), ("k_think", k_think.shape[2], "T", "q_think", think),
-            ("lse_answer", lse_answer.shape[2], "A", "q_answer", answers),
-            ("u_answer", u_answer.shape[2], "A", "q_answer", answers),
-            ("v_image", v_image.shape[2], "N", "k_image", image)):
-        if size != limit:
-            raise ValueError(f"{name} has {letter}={size} but {like} has {letter}={limit}")
-    if q_answer.dtype not in _DTYPES:
-        raise TypeError(f"q_answer must be float32, bfloat16 or float16 for the Triton kernel, got {q_answer.dtype} "
-                        "(float64 runs on the CPU kernel)")
-    for name in ("q_think", "k_think", "k_image", "v_image", "u_answer"):
-        if named[name].dtype != q_answer.dtype:
-            raise TypeError(f"{name} must have q_answer's dtype {q_answer.dtype}, got {named[name].dtype}")
-    for name in ("lse_think", "lse_answer"):
-        if named[name].dtype != torch.float32:
-            raise TypeError(f"{name} must be float32, got {named[name].dtype}")
-    if lengths.dtype != torch.int64:
-        raise TypeError(f"lengths must be int64, got {lengths.dtype}")
-    limits = (image, think, answers)
-    names = ("N_b (image tokens)", "T_b (think tokens)", "A_b (answer tokens)")
-    for b, row in enumerate(lengths.tolist()):  # one host sync per layer call, negligible next to the kernel
-        for j, value in enumerate(row):
-            if not 0 <= value <= limits[j]:
-                raise ValueError(f"lengths[{b}, {j}] = {value} is out of range: {names[j]} must lie in "
-                                 f"[0, {limits[j]}]")
 
 
 def layer_saliency_triton(q_think: torch.Tensor, lse_think: torch.Tensor, q_answer: torch.Tensor,
@@ -221,14 +158,20 @@ def layer_saliency_triton(q_think: torch.Tensor, lse_think: torch.Tensor, q_answ
         k_image: ``[B, H_kv, N, d]`` keys at the image positions.
         v_image: ``[B, H_kv, N, d]`` values at the image positions.
         u_answer: ``[B, H, A, d]`` projected answer vectors ``W_O[l,h]^T g_a``.
-        lengths: int64 ``[B, 3]``, valid ``(N_b, T_b, A_b)`` per rollout; padding is ignored.
+        lengths: int64 ``[B, 3]``, valid ``(N_b, T_b, A_b)`` per rollout; padding is ignored. A rollout
+            whose lengths are out of range gets NaN everywhere (the C++ kernel raises; here that would
+            cost a host synchronisation per call).
         scale: softmax scale ``s``.
         path: ``"cot"``, ``"direct"`` or ``"both"``.
 
     Returns:
         float32 ``[B, A, N]``; padding entries are 0, and ``T_b = 0`` gives 0 on the ``cot`` path.
     """
-    _validate(q_think, lse_think, q_answer, lse_answer, k_think, k_image, v_image, u_answer, lengths, path)
+    check_layer_saliency_metadata(q_think, lse_think, q_answer, lse_answer, k_think, k_image, v_image, u_answer,
+                                  lengths, path)
+    if q_answer.dtype == torch.float64:
+        raise TypeError(f"q_answer must be float32, bfloat16 or float16 for the Triton kernel, got {q_answer.dtype} "
+                        "(float64 runs on the CPU kernel)")
     batch, heads, answers, head_size = q_answer.shape
     kv_heads, image = k_image.shape[1], k_image.shape[2]
     out = torch.empty((batch, answers, image), dtype=torch.float32, device=q_answer.device)
@@ -241,7 +184,7 @@ def layer_saliency_triton(q_think: torch.Tensor, lse_think: torch.Tensor, q_answ
         q_think, lse_think, q_answer, lse_answer, k_think, k_image, v_image, u_answer, lengths, out,
         *q_think.stride(), *lse_think.stride(), *q_answer.stride(), *lse_answer.stride(), *k_think.stride(),
         *k_image.stride(), *v_image.stride(), *u_answer.stride(), *lengths.stride(), *out.stride(),
-        heads, heads // kv_heads, answers, image, float(scale),
+        heads, heads // kv_heads, answers, image, q_think.shape[2], float(scale),
         COT=path in ("cot", "both"), DIRECT=path in ("direct", "both"),
         # fp32 inputs: exact fp32 products (TF32 would cost ~1e-3 relative error); others: tensor-core default.
         DOT_PRECISION="ieee" if fp32 else "tf32",

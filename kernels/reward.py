@@ -1,4 +1,4 @@
-"""Triton kernel of ``saliency::reward`` (SPEC.md section 4), one launch for the whole batch.
+"""Triton kernel of ``saliency::reward`` (docs/method.md section 4), one launch for the whole batch.
 
 The algorithm is the C++ kernel's (``kernels/cpu/reward.cpp`` states it in full): the prefix weight
 sums ``Fx(Q)[c]`` of the bilinear upsampling (align_corners=False) in closed form, the mass of the
@@ -14,9 +14,8 @@ so each rollout costs one ``G Fx(Q)`` product per distinct column edge (``O(K h'
 Bad argument values (sizes, box order, box counts, NaN/inf in the map) are found inside the kernel,
 which writes a status code per rollout and NaN as that rollout's result. ``reward_triton`` then
 reads the ``B`` status codes back and raises: on CUDA that read is one device-to-host copy, a
-synchronisation. The reward's consumer (the GRPO advantage, TRL's list of floats) synchronises right
-after anyway, so the op pays it by default to give the clear error; ``check=False`` skips the read and
-keeps the call asynchronous (bad rollouts then come back as NaN, never as a plausible number).
+synchronisation. ``check=False`` (the op's ``check`` argument) skips the read and keeps the call
+asynchronous: bad rollouts then come back as NaN, never as a plausible number, as the C++ kernel's do.
 """
 
 from __future__ import annotations
@@ -25,8 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-_MAP_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-_INDEX_DTYPES = (torch.int32, torch.int64)
+from saliency_r1.kernels.checks import check_reward_metadata
 # Map cells a program holds in registers at once: a 64 x 64 tile, which covers Qwen2.5-VL maps of
 # images up to 1792 px a side in one chunk; larger maps are read in chunks of rows.
 _TILE_CELLS = 4096
@@ -112,7 +110,7 @@ def _reward_kernel(
         stride_is_b, stride_is_j,
         stride_bx_b, stride_bx_k, stride_bx_j,
         stride_bc_b, stride_v_b,
-        ROWS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr):
+        ROWS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr, MAP_F64: tl.constexpr):
     b = tl.program_id(0)
     # Values are checked in their own dtype (an int64 size must not wrap into range by a cast).
     h = tl.load(map_sizes_ptr + b * stride_ms_b)
@@ -165,18 +163,29 @@ def _reward_kernel(
     width = img_w_ok.to(tl.float32)
     height = img_h_ok.to(tl.float32)
     fx_full = _prefix(width, cols, n_cols, width)
+    # First pass: the finiteness check and the peak, in float64 for float64 maps (float32 holds every
+    # 16-bit value exactly). The score is invariant to the map's scale, and dividing by the peak keeps
+    # the float32 sums from overflowing (a float32 map near 1e38, a float64 map beyond float32's range).
+    bad_cells = 0
+    peak = tl.zeros((), dtype=tl.float64 if MAP_F64 else tl.float32)
+    for r0 in range(0, h_ok, ROWS):
+        rows = r0 + tl.arange(0, ROWS)
+        cells = tl.load(maps_ptr + b * stride_m_b + rows[:, None] * stride_m_h + cols[None, :] * stride_m_w,
+                        mask=(rows < h_ok)[:, None] & col_mask[None, :], other=0.0).to(peak.dtype)
+        # NaN fails both comparisons; inf fails the second.
+        finite = (cells == cells) & (tl.abs(cells) < float("inf"))
+        bad_cells += tl.sum((~finite).to(tl.int32))
+        peak = tl.maximum(peak, tl.max(tl.where(finite & (cells > 0.0), cells, 0.0)))
+    peak = tl.where(peak > 0.0, peak, 1.0)
     total = 0.0
     mass = 0.0
-    bad_cells = 0
     for r0 in range(0, h_ok, ROWS):
         rows = r0 + tl.arange(0, ROWS)
         row_mask = rows < h_ok
         cells = tl.load(maps_ptr + b * stride_m_b + rows[:, None] * stride_m_h + cols[None, :] * stride_m_w,
-                        mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
-        # NaN fails both comparisons; inf fails the second.
-        finite = (cells == cells) & (tl.abs(cells) < float("inf"))
-        bad_cells += tl.sum((~finite).to(tl.int32))
-        grid = tl.where(cells > 0.0, cells, 0.0)
+                        mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(peak.dtype)
+        # Divided before narrowing: a float64 map may exceed float32's range.
+        grid = tl.where(cells > 0.0, cells / peak, 0.0).to(tl.float32)
         fy_full = _prefix(height, rows, n_rows, height)
         total += tl.sum(fy_full * tl.sum(grid * fx_full[None, :], axis=1))
         # Fy(P) of every row edge P: [2 BLOCK_K, ROWS].
@@ -207,40 +216,6 @@ def _reward_kernel(
                                 y_disorder > 0, 7, tl.where(bad_cells > 0, 8, 0))))))))
     tl.store(out_ptr + b, tl.where(status == 0, valid * score, float("nan")))
     tl.store(status_ptr + b, status)
-
-
-def _describe(t) -> str:
-    if not isinstance(t, torch.Tensor):
-        return type(t).__name__
-    return f"{t.dtype} tensor of shape {list(t.shape)} on {t.device}"
-
-
-# (name, accepted dtypes, layout, rank, size of the last dim or None); every one has B rows.
-_ARGUMENTS = (("map_sizes", _INDEX_DTYPES, "[B, 2] = (h', w')", 2, 2),
-              ("image_sizes", _INDEX_DTYPES, "[B, 2] = (H, W)", 2, 2),
-              ("boxes", _INDEX_DTYPES, "[B, K_max, 4] = (x_lo, y_lo, x_hi, y_hi)", 3, 4),
-              ("box_counts", _INDEX_DTYPES, "[B]", 1, None),
-              ("valid", (torch.float32, torch.float64, torch.bfloat16, torch.float16), "[B]", 1, None))
-
-
-def _check_metadata(maps, *others) -> None:
-    """Dtype, rank, shape and device checks: no values are read, so nothing synchronises. Kept lean:
-    it runs on every call, inside the GPU path's 50 us budget."""
-    if not isinstance(maps, torch.Tensor) or maps.dtype not in _MAP_DTYPES:
-        raise TypeError(f"reward: maps must be a float32/float64/bfloat16/float16 tensor of shape "
-                        f"[B, h_max, w_max], got {_describe(maps)}")
-    if maps.dim() != 3:
-        raise ValueError(f"reward: maps must have shape [B, h_max, w_max], got {_describe(maps)}")
-    batch, device = maps.shape[0], maps.device
-    for t, (name, dtypes, layout, rank, last) in zip(others, _ARGUMENTS):
-        if not isinstance(t, torch.Tensor) or t.dtype not in dtypes:
-            kind = "a floating-point" if name == "valid" else "an int32/int64"
-            raise TypeError(f"reward: {name} must be {kind} tensor of shape {layout}, got {_describe(t)}")
-        if t.dim() != rank or t.shape[0] != batch or (last is not None and t.shape[-1] != last):
-            raise ValueError(f"reward: {name} must have shape {layout} with B = {batch} (the batch size of "
-                             f"maps), got {_describe(t)}")
-        if t.device != device:
-            raise ValueError(f"reward: {name} must be on the device of maps ({device}), got {_describe(t)}")
 
 
 def _raise_for_status(codes: list[int], maps, map_sizes, image_sizes, boxes, box_counts, valid) -> None:
@@ -294,7 +269,7 @@ def reward_triton(maps: torch.Tensor, map_sizes: torch.Tensor, image_sizes: torc
         TypeError: an argument of the wrong type or dtype.
         ValueError: a wrong rank, shape, batch size or device, or (with ``check``) a bad value.
     """
-    _check_metadata(maps, map_sizes, image_sizes, boxes, box_counts, valid)
+    check_reward_metadata(maps, map_sizes, image_sizes, boxes, box_counts, valid)
     batch, h_max, w_max = maps.shape
     k_max = boxes.shape[1]
     if batch == 0:
@@ -310,7 +285,8 @@ def reward_triton(maps: torch.Tensor, map_sizes: torch.Tensor, image_sizes: torc
         h_max, w_max, k_max,
         *maps.stride(), *map_sizes.stride(), *image_sizes.stride(), *boxes.stride(),
         box_counts.stride(0), valid.stride(0),
-        ROWS=rows, BLOCK_W=block_w, BLOCK_K=triton.next_power_of_2(max(k_max, 1)))
+        ROWS=rows, BLOCK_W=block_w, BLOCK_K=triton.next_power_of_2(max(k_max, 1)),
+        MAP_F64=maps.dtype == torch.float64)
     if check:
         codes = status.tolist()
         if any(codes):

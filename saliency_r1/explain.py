@@ -95,6 +95,6 @@ def explain(model: nn.Module, processor, image, question: str, *, boxes=None, sy
                                     clean_up_tokenization_spaces=False)
     image_sizes = [(im.height, im.width) for im in images]
     reward = None if boxes is None else float(rollout.reward([boxes], [image_sizes[0]])[0])
-    return Explanation(text=rollout.texts[0], valid=bool(spans.valid), maps=rollout.maps[0],
+    return Explanation(text=rollout.texts[0], valid=bool(rollout.valid[0]), maps=rollout.maps[0],
                        think_tokens=[pieces[k] for k in spans.think], answer_tokens=[pieces[k] for k in spans.answer],
                        image_sizes=image_sizes, images=images, reward=reward, rollout=rollout)

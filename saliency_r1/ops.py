@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from saliency_r1.kernels.checks import check_layer_saliency_metadata, check_reward_metadata
+
 _PACKAGE_DIR = Path(__file__).resolve().parent
 _REBUILD = "rebuild it with `pip install --no-build-isolation -e .` in the saliency-r1 checkout"
 
@@ -44,17 +46,24 @@ _load_library()
 
 # ---------------------------------------------------------------- fake implementations (torch.compile)
 
+# They check what the kernels check before reading a value (types, ranks, shapes, devices: one argument
+# on the meta device and the rest on the CPU is an error, not an empty CPU tensor), with the kernels'
+# messages, so that torch.compile rejects what eager rejects.
+
 @torch.library.register_fake("saliency::reward")
-def _reward_fake(maps, map_sizes, image_sizes, boxes, box_counts, valid):
-    torch._check(maps.dim() == 3, lambda: f"maps must be [B, h_max, w_max], got shape {tuple(maps.shape)}")
+def _reward_fake(maps, map_sizes, image_sizes, boxes, box_counts, valid, check=True):
+    check_reward_metadata(maps, map_sizes, image_sizes, boxes, box_counts, valid)
     return maps.new_empty((maps.shape[0],), dtype=torch.float32)
 
 
 @torch.library.register_fake("saliency::layer_saliency")
 def _layer_saliency_fake(q_think, lse_think, q_answer, lse_answer, k_think, k_image, v_image, u_answer,
                          lengths, scale, path="cot"):
-    torch._check(q_answer.dim() == 4, lambda: f"q_answer must be [B, H, A, d], got {tuple(q_answer.shape)}")
-    torch._check(k_image.dim() == 4, lambda: f"k_image must be [B, H_kv, N, d], got {tuple(k_image.shape)}")
+    check_layer_saliency_metadata(q_think, lse_think, q_answer, lse_answer, k_think, k_image, v_image, u_answer,
+                                  lengths, path)
+    if q_answer.device.type == "cuda" and q_answer.dtype == torch.float64:
+        raise TypeError(f"q_answer must be float32, bfloat16 or float16 for the Triton kernel, got {q_answer.dtype} "
+                        "(float64 runs on the CPU kernel)")
     out_dtype = torch.float64 if q_answer.dtype == torch.float64 else torch.float32
     return q_answer.new_empty((q_answer.shape[0], q_answer.shape[2], k_image.shape[2]), dtype=out_dtype)
 
@@ -62,9 +71,9 @@ def _layer_saliency_fake(q_think, lse_think, q_answer, lse_answer, k_think, k_im
 # ---------------------------------------------------------------- CUDA kernels (Triton)
 
 @torch.library.register_kernel("saliency::reward", "cuda")
-def _reward_cuda(maps, map_sizes, image_sizes, boxes, box_counts, valid):
+def _reward_cuda(maps, map_sizes, image_sizes, boxes, box_counts, valid, check=True):
     from saliency_r1.kernels.reward import reward_triton
-    return reward_triton(maps, map_sizes, image_sizes, boxes, box_counts, valid)
+    return reward_triton(maps, map_sizes, image_sizes, boxes, box_counts, valid, check=check)
 
 
 @torch.library.register_kernel("saliency::layer_saliency", "cuda")
@@ -78,8 +87,8 @@ def _layer_saliency_cuda(q_think, lse_think, q_answer, lse_answer, k_think, k_im
 # ---------------------------------------------------------------- public wrappers
 
 def reward(maps: torch.Tensor, map_sizes: torch.Tensor, image_sizes: torch.Tensor, boxes: torch.Tensor,
-           box_counts: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Fraction of each upsampled saliency map's mass inside the union of its boxes (SPEC.md section 4).
+           box_counts: torch.Tensor, valid: torch.Tensor, check: bool = True) -> torch.Tensor:
+    """Fraction of each upsampled saliency map's mass inside the union of its boxes (docs/method.md section 4).
 
     Args:
         maps: float ``[B, h_max, w_max]``; rollout ``b``'s raw map fills the top-left
@@ -90,18 +99,22 @@ def reward(maps: torch.Tensor, map_sizes: torch.Tensor, image_sizes: torch.Tenso
             the image, a box wholly off the image is empty.
         box_counts: int ``[B]``, how many of the ``K_max`` boxes each rollout uses.
         valid: float ``[B]``, multiplier (the format validity, 0 or 1).
+        check: raise ``ValueError`` naming the argument for a bad value (a size out of range, a box with
+            ``x_hi < x_lo``, NaN or inf in a map, ...). On CUDA that costs one device-to-host copy;
+            ``False`` keeps the call asynchronous and gives NaN for the bad rollouts instead.
 
     Returns:
         float32 ``[B]``: ``valid * mass in boxes / total mass``; 0 where the mass or the box list is empty.
+        Image sides are limited to 2**24 pixels.
     """
-    return torch.ops.saliency.reward(maps, map_sizes, image_sizes, boxes, box_counts, valid)
+    return torch.ops.saliency.reward(maps, map_sizes, image_sizes, boxes, box_counts, valid, check)
 
 
 def layer_saliency(q_think: torch.Tensor, lse_think: torch.Tensor, q_answer: torch.Tensor,
                    lse_answer: torch.Tensor, k_think: torch.Tensor, k_image: torch.Tensor,
                    v_image: torch.Tensor, u_answer: torch.Tensor, lengths: torch.Tensor, scale: float,
                    path: str = "cot") -> torch.Tensor:
-    """One layer's saliency ``S(a, i)`` of SPEC.md section 3, summed over heads.
+    """One layer's saliency ``S(a, i)`` of docs/method.md section 3, summed over heads.
 
     Batches are padded: rollout ``b`` uses the first ``lengths[b] = (N_b, T_b, A_b)`` image, think
     and answer entries; padding is ignored and its outputs are 0.
@@ -122,6 +135,11 @@ def layer_saliency(q_think: torch.Tensor, lse_think: torch.Tensor, q_answer: tor
     Returns:
         ``[B, A, N]``, float64 for float64 inputs, else float32 (bf16/fp16 accumulate in fp32).
         float64 is served on CPU only; the CUDA (Triton) kernel takes fp32, bf16 and fp16.
+
+    Values are not checked, but for ``lengths`` (the C++ kernel raises; the CUDA kernel, to avoid a host
+    synchronisation per call, gives that rollout NaN): a NaN or inf input gives non-finite outputs for
+    its rollout only, never a finite number. The saliency engine makes such a rollout invalid
+    (``docs/method.md`` section 3.3).
     """
     return torch.ops.saliency.layer_saliency(q_think, lse_think, q_answer, lse_answer, k_think, k_image,
                                              v_image, u_answer, lengths, scale, path)

@@ -1,6 +1,6 @@
 """The projected answer vectors ``u[l, h, a] = W_O[l, h]^T g_a`` that ``layer_saliency`` contracts with the values.
 
-SPEC.md section 3: with the final RMSNorm frozen at its actual scale, a vector ``x`` added to the residual at
+docs/method.md section 3: with the final RMSNorm frozen at its actual scale, a vector ``x`` added to the residual at
 answer position ``a`` changes the logit of the answer token ``y_a`` by ``<g_a, x>``, where
 
     g_a = gamma * W_U[y_a] / rms(x_a).
@@ -26,7 +26,7 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 
 def answer_logit_directions(norm_weight: torch.Tensor, unembedding: torch.Tensor, answer_token_ids: torch.Tensor,
-                            rms: torch.Tensor) -> torch.Tensor:
+                            rms: torch.Tensor, *, check_ids: bool = True) -> torch.Tensor:
     """The logit directions ``g_a = gamma * W_U[y_a] / rms(x_a)`` of the answer tokens.
 
     Args:
@@ -36,6 +36,8 @@ def answer_logit_directions(norm_weight: torch.Tensor, unembedding: torch.Tensor
         answer_token_ids: integer ``[B, A]``, the answer tokens ``y_a`` (padding: any id in ``[0, V)``).
         rms: ``[B, A]``, ``rms(x_a)`` of the residual entering the final norm at each answer position (the
             norm's own ``sqrt(mean(x^2) + eps)``).
+        check_ids: raise for ids outside ``[0, V)``. Reading them costs a device-to-host copy on a GPU; a
+            caller that checked them on the host before copying them there (the saliency engine) passes False.
 
     Returns:
         ``[B, A, D]``, float32 (float64 if any input is float64).
@@ -53,7 +55,8 @@ def answer_logit_directions(norm_weight: torch.Tensor, unembedding: torch.Tensor
         raise ValueError(f"rms must be [B, A] = {tuple(answer_token_ids.shape)} (answer_token_ids' shape), "
                          f"got {tuple(rms.shape)}")
     vocab = unembedding.shape[0]
-    if answer_token_ids.numel() and not (0 <= int(answer_token_ids.min()) and int(answer_token_ids.max()) < vocab):
+    if check_ids and answer_token_ids.numel() and not (
+            0 <= int(answer_token_ids.min()) and int(answer_token_ids.max()) < vocab):
         raise ValueError(f"answer_token_ids must lie in [0, {vocab}) (unembedding's V), got values in "
                          f"[{int(answer_token_ids.min())}, {int(answer_token_ids.max())}]")
     dtype = _compute_dtype(norm_weight, unembedding, rms)

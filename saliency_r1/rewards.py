@@ -168,7 +168,7 @@ def pack_maps(maps: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def saliency_in_box(maps: Sequence[torch.Tensor], boxes: Sequence, image_sizes: Sequence,
-                    valid: Sequence[float] | torch.Tensor | None = None) -> torch.Tensor:
+                    valid: Sequence[float] | torch.Tensor | None = None, *, check: bool = True) -> torch.Tensor:
     """The saliency reward of ``B`` rollouts from their maps and normalised boxes (``docs/method.md``
     section 4), as one call of ``torch.ops.saliency.reward``.
 
@@ -178,6 +178,9 @@ def saliency_in_box(maps: Sequence[torch.Tensor], boxes: Sequence, image_sizes: 
             ``"[0.12,0.30,0.55,0.81]"``, or lists/tuples of four numbers).
         image_sizes: ``B`` pairs ``(H, W)`` in pixels.
         valid: ``B`` format validities (multipliers, usually 0 or 1); default all 1.
+        check: the op's value check (``saliency_r1.ops.reward``): ``False`` gives NaN for a bad map instead
+            of an error, and on CUDA spares the device-to-host copy the check costs. Boxes and image sizes
+            are checked on the host either way.
 
     Returns:
         float32 ``[B]`` on the maps' device: ``valid * mass of the upsampled map inside the union of
@@ -206,7 +209,7 @@ def saliency_in_box(maps: Sequence[torch.Tensor], boxes: Sequence, image_sizes: 
         valid_t = torch.as_tensor(valid, dtype=torch.float32).to(device)
         if valid_t.shape != (len(maps),):
             raise ValueError(f"valid must hold one value per rollout ({len(maps)}), got shape {tuple(valid_t.shape)}")
-    return reward(packed, map_sizes, sizes, pixel, counts, valid_t)
+    return reward(packed, map_sizes, sizes, pixel, counts, valid_t, check)
 
 
 def saliency_reward(completions, saliency_maps, bbox, image=None, images=None, saliency_valid=None,

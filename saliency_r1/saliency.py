@@ -45,7 +45,8 @@ class RolloutSaliency:
         prompt_length: ``P``.
         completion_ids: per rollout, its completion up to and including the end-of-turn token, no padding.
         texts: decoded completions, special tokens kept (``<think>`` etc.).
-        valid: float32 ``[B]`` on the sequences' device, 1.0 where the think/answer structure is well formed.
+        valid: float32 ``[B]`` on the sequences' device, 1.0 where the think/answer structure is well formed and
+            the saliency's inputs and sum are finite.
         maps: per rollout, per image: the raw answer map ``S`` as ``[h', w']`` (zeros if invalid).
         spans: per rollout, its :class:`~saliency_r1.spans.Spans` (completion-token indices).
         image_grids: per rollout, each image's ``(h', w')``.
@@ -59,6 +60,8 @@ class RolloutSaliency:
         answer_to_think: with ``details``: per rollout, ``[A_b, T_b]``, ``sum over l, h of alpha(a -> t)``:
             which reasoning tokens each answer token read; else ``None``.
         path: the op path used (``"cot"``, ``"direct"`` or ``"both"``).
+        non_finite: bool ``[B]`` on the maps' device: the rollouts made invalid by a NaN or inf among what the
+            saliency read (queries, log-sum-exps, keys, values, the final norm's RMS) or in its sum.
         timings: seconds: ``"generate"`` or ``"forward"`` (the model run with capture) and ``"saliency"``.
         captured_bytes: bytes the capture held (queries, LSEs, RMS).
     """
@@ -75,6 +78,7 @@ class RolloutSaliency:
     think_token_maps: list[list[torch.Tensor]] | None = None
     think_token_logit_maps: list[list[torch.Tensor]] | None = None
     answer_to_think: list[torch.Tensor] | None = None
+    non_finite: torch.Tensor | None = None
     path: str = "cot"
     timings: dict[str, float] = field(default_factory=dict)
     captured_bytes: int = 0
@@ -138,14 +142,30 @@ def _split_images(adapter: ModelAdapter, prompt_ids: torch.Tensor, image_grid_th
     return ([p for p in positions for _ in range(repeat)], [g for g in per_prompt for _ in range(repeat)])
 
 
-def _pad_index(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded int64 ``[B, max(max_len, 1)]`` (padding 0) and the lengths ``[B]``; at least one column,
-    so that a batch without any answer (or think) token still gives the op well-formed, all-padding inputs."""
+def _pad_index(rows: list[list[int]], device, *also: list[list[int]]) -> tuple[torch.Tensor, ...]:
+    """Host lists right-padded (with 0) into int64 ``[B, max(max_len, 1)]`` tensors on ``device``: ``rows``,
+    then each of ``also`` (lists of the same lengths). At least one column, so that a batch without any
+    answer (or think) token still gives the op well-formed, all-padding inputs; one copy to the device."""
     width = max([len(r) for r in rows] + [1])
-    out = torch.zeros(len(rows), width, dtype=torch.long)
-    for b, r in enumerate(rows):
-        out[b, :len(r)] = torch.as_tensor(r, dtype=torch.long)
-    return out.to(device), torch.tensor([len(r) for r in rows], dtype=torch.long, device=device)
+    out = torch.zeros(1 + len(also), len(rows), width, dtype=torch.long)
+    for j, lists in enumerate((rows, *also)):
+        for b, r in enumerate(lists):
+            out[j, b, :len(r)] = torch.as_tensor(r, dtype=torch.long)
+    return tuple(out.to(device).unbind(0)) if also else (out[0].to(device), None)
+
+
+def _to_host(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """CPU copies of integer tensors (``None`` stays ``None``), in one device-to-host copy."""
+    present = [t for t in tensors if t is not None]
+    flat = torch.cat([t.reshape(-1).long() for t in present]).cpu()
+    out, start = [], 0
+    for t in tensors:
+        if t is None:
+            out.append(None)
+            continue
+        out.append(flat[start:start + t.numel()].view(t.shape))
+        start += t.numel()
+    return out
 
 
 class _RowTaker:
@@ -227,50 +247,54 @@ def saliency_from_capture(model: nn.Module, processor, captured: CapturedRows, c
     batch, P = sequences.shape[0], prompt_length
     if captured.first_row != P - 1:
         raise ValueError(f"the capture starts at row {captured.first_row}, expected prompt_length - 1 = {P - 1}")
+    # The step's one read from the device: the token ids (spans and texts are found on the host) and the
+    # image grids, in one copy. Everything below is queued on the device without waiting for it.
+    host_sequences, host_prompts, host_grids = _to_host(sequences, prompt_ids, image_grid_thw)
     stops = end_of_turn_ids(tokenizer)
     if completion_ids is None:
-        completion_ids = [trim_completion(sequences[b, P:], stops) for b in range(batch)]
-    completions = [torch.as_tensor(list(c) if not isinstance(c, torch.Tensor) else c.tolist(), dtype=torch.long)
-                   for c in completion_ids]
+        completion_ids = [trim_completion(row[P:], stops) for row in host_sequences]
+    completions = [c.tolist() if isinstance(c, torch.Tensor) else list(c) for c in completion_ids]
     spans = [find_spans(c, tokenizer, stop_ids=stops) for c in completions]
-    texts = tokenizer.batch_decode([c.tolist() for c in completions], skip_special_tokens=False,
-                                   clean_up_tokenization_spaces=False)
-    image_pos, grids = _split_images(adapter, prompt_ids, image_grid_thw, batch)
+    texts = tokenizer.batch_decode(completions, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    image_pos, grids = _split_images(adapter, host_prompts, host_grids, batch)
 
     rows = captured.num_rows
     device = captured.rms.device
-    for b, s in enumerate(spans):  # every index the op will read must have been recorded
+    vocab = adapter.unembedding.shape[0]
+    for b, s in enumerate(spans):  # every index the op will read must have been recorded, every id be a token
         if s.valid and (max(s.answer) >= rows or (s.think and max(s.think) + 1 >= rows)):
             raise ValueError(f"rollout {b}: its spans reach completion token {max(s.answer + s.think)}, but the "
                              f"capture recorded {rows} rows")
-    valid = [s.valid for s in spans]
-    answer_rows, answer_len = _pad_index([s.answer if s.valid else [] for s in spans], device)
-    think_rows, think_len = _pad_index([[k + 1 for k in s.think] if s.valid else [] for s in spans], device)
-    image_index, image_len = _pad_index([p.tolist() for p in image_pos], device)
-    answer_ids = torch.stack([torch.cat([completions[b][answer_rows[b, :answer_len[b]].cpu()],
-                                         torch.zeros(answer_rows.shape[1] - int(answer_len[b]), dtype=torch.long)])
-                              for b in range(batch)]).to(device)
+        if s.valid and not all(0 <= completions[b][k] < vocab for k in s.answer + s.think):
+            raise ValueError(f"rollout {b}: its completion holds token ids outside the model's vocabulary [0, {vocab})")
+    answer_lists = [s.answer if s.valid else [] for s in spans]
+    think_lists = [[k + 1 for k in s.think] if s.valid else [] for s in spans]
+    image_lists = [p.tolist() for p in image_pos]
+    lengths_host = [(len(n), len(t), len(a)) for n, t, a in zip(image_lists, think_lists, answer_lists)]
+    answer_rows, answer_ids = _pad_index(answer_lists, device, [[c[k] for k in a] for c, a in zip(completions, answer_lists)])
+    think_rows, predicted = _pad_index(think_lists, device, [[c[r] for r in t] for c, t in zip(completions, think_lists)])
+    image_index, _ = _pad_index(image_lists, device)
     think_pos = think_rows + (P - 1)  # think row r (= k + 1) is position P - 1 + r = P + k
-    lengths = torch.stack([image_len, think_len, answer_len], dim=1)
+    lengths = torch.tensor(lengths_host, dtype=torch.long).reshape(batch, 3).to(device)
 
     # The projections and attention probabilities below are float32 (float64) work: a caller's bf16
     # autocast (the training loop's, evaluation's) would run their matmuls in bf16.
     with torch.autocast(device.type, enabled=False):
         # g_a once per batch; u = W_O[l,h]^T g_a per layer.
         rms_answer = captured.rms.gather(1, answer_rows)
-        g = answer_logit_directions(adapter.norm_weight, adapter.unembedding, answer_ids, rms_answer)
+        g = answer_logit_directions(adapter.norm_weight, adapter.unembedding, answer_ids, rms_answer,
+                                    check_ids=False)  # checked on the host above
         if details:
             # The think row r predicted completion token r: its own "answer" for the logit-decomposed map.
-            predicted = torch.stack([torch.cat([completions[b][think_rows[b, :think_len[b]].cpu()],
-                                                torch.zeros(think_rows.shape[1] - int(think_len[b]), dtype=torch.long)])
-                                     for b in range(batch)]).to(device)
             g_think = answer_logit_directions(adapter.norm_weight, adapter.unembedding, predicted,
-                                              captured.rms.gather(1, think_rows))
-            think_lengths = torch.stack([image_len, think_len, think_len], dim=1)
+                                              captured.rms.gather(1, think_rows), check_ids=False)
+            think_lengths = lengths[:, [0, 1, 1]]
         take_answer, take_think = _RowTaker(answer_rows), _RowTaker(think_rows)
         take_think_key, take_image = _RowTaker(think_pos), _RowTaker(image_index)
         scale = adapter.scale
         total = think_image = think_logit = answer_think = None
+        # A rollout with a NaN or inf among what the op reads is invalid (docs/method.md section 3.3).
+        non_finite = torch.zeros(batch, dtype=torch.bool, device=device)
         for layer in range(adapter.num_layers):
             keys, values = adapter.layer_kv(cache, layer)
             q, lse = captured.queries[layer], captured.lse[layer]
@@ -282,6 +306,8 @@ def saliency_from_capture(model: nn.Module, processor, captured: CapturedRows, c
             k_image, v_image = take_image(keys).to(q.dtype), take_image(values).to(q.dtype)
             o_proj = adapter.o_proj_weight(layer)
             u = project_answer_vectors(g, o_proj, adapter.num_heads).to(q.dtype)
+            for read in (q_answer, lse_answer, q_think, lse_think, k_think, k_image, v_image, u):
+                non_finite |= ~torch.isfinite(read).flatten(1).all(1)
             s_layer = layer_saliency(q_think, lse_think, q_answer, lse_answer, k_think, k_image, v_image, u,
                                      lengths, scale, path)
             total = s_layer if total is None else total + s_layer
@@ -295,12 +321,17 @@ def saliency_from_capture(model: nn.Module, processor, captured: CapturedRows, c
                 think_image = layer_image if think_image is None else think_image + layer_image
                 answer_think = layer_think if answer_think is None else answer_think + layer_think
 
+        # ... and so is one whose sum overflowed: its maps are zero, its validity 0.
+        non_finite |= ~torch.isfinite(total).flatten(1).all(1)
+        keep = ~non_finite[:, None, None]
+        total = total.where(keep, 0.0)
+        if details:
+            think_logit, think_image, answer_think = (x.where(keep, 0.0) for x in (think_logit, think_image, answer_think))
         maps, answer_maps = [], []
         think_maps = [] if details else None
         think_logit_maps = [] if details else None
         answer_to_think = [] if details else None
-        for b in range(batch):
-            n, t, a = (int(x) for x in lengths[b])
+        for b, (n, t, a) in enumerate(lengths_host):
             per_token = total[b, :a, :n]
             answer_maps.append(_per_image(per_token, grids[b]))
             maps.append(_per_image(per_token.sum(0), grids[b]))
@@ -308,12 +339,13 @@ def saliency_from_capture(model: nn.Module, processor, captured: CapturedRows, c
                 think_maps.append(_per_image(think_image[b, :t, :n].to(total.dtype), grids[b]))
                 think_logit_maps.append(_per_image(think_logit[b, :t, :n], grids[b]))
                 answer_to_think.append(answer_think[b, :a, :t].to(total.dtype))
+    valid = torch.tensor([s.valid for s in spans], dtype=torch.float32).to(device) * (~non_finite).float()
     return RolloutSaliency(
-        sequences=sequences, prompt_length=P, completion_ids=completions, texts=texts, maps=maps, spans=spans,
-        valid=torch.tensor(valid, dtype=torch.float32, device=sequences.device), image_grids=grids,
-        answer_token_maps=answer_maps, think_token_maps=think_maps, think_token_logit_maps=think_logit_maps,
-        answer_to_think=answer_to_think, path=path, timings={"saliency": time.perf_counter() - started},
-        captured_bytes=captured.nbytes())
+        sequences=sequences, prompt_length=P, completion_ids=[torch.tensor(c, dtype=torch.long) for c in completions],
+        texts=texts, maps=maps, spans=spans, valid=valid.to(sequences.device), non_finite=non_finite,
+        image_grids=grids, answer_token_maps=answer_maps, think_token_maps=think_maps,
+        think_token_logit_maps=think_logit_maps, answer_to_think=answer_to_think, path=path,
+        timings={"saliency": time.perf_counter() - started}, captured_bytes=captured.nbytes())
 
 
 def generate_with_saliency(model: nn.Module, processor, inputs, *, adapter: ModelAdapter | None = None,

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import saliency_r1
 import saliency_r1.ops  # noqa: F401  (loads the library: registers torch.ops.saliency.*)
 from saliency_r1.kernels.reference.layer_saliency import layer_saliency_reference
+from conftest import TRITON_DEVICE
 
 PATHS = ("cot", "direct", "both")
 FLOOR_ULPS = 32 * torch.finfo(torch.float32).eps
@@ -153,6 +156,36 @@ def test_triton_kernel_matches_reference(triton_device, groups, head_size, think
         assert_within_rule(out, args, scale, path)
 
 
+@pytest.mark.parametrize("groups", [1, 2, 7])
+@pytest.mark.parametrize("head_size", [64, 80, 128])
+def test_triton_kernel_maps_query_heads_to_their_key_value_head(triton_device, groups, head_size):
+    """Several key/value heads, each shared by ``groups`` query heads: query head h must read kv head h // g
+    (a kernel that read head 0 for all, or h % H_kv, fails here)."""
+    from saliency_r1.kernels.layer_saliency import layer_saliency_triton
+
+    args, scale = make_inputs(groups, 3, head_size, 5, 3, 70, mixed_lengths(5, 3, 70), torch.float32,
+                              device=triton_device, seed=groups * head_size)
+    for path in PATHS:
+        assert_within_rule(layer_saliency_triton(*args, scale, path), args, scale, path)
+
+
+@settings(max_examples=12, deadline=None)
+@given(groups=st.integers(1, 4), kv_heads=st.integers(1, 3), head_size=st.sampled_from([16, 24, 64, 80]),
+       think=st.integers(0, 40), answers=st.integers(1, 20), image=st.integers(1, 90), rollouts=st.integers(1, 3),
+       path=st.sampled_from(PATHS), seed=st.integers(0, 2 ** 16))
+def test_property_triton_kernel_matches_reference(groups, kv_heads, head_size, think, answers, image, rollouts,
+                                                  path, seed):
+    from saliency_r1.kernels.layer_saliency import layer_saliency_triton
+
+    rng = torch.Generator().manual_seed(seed)
+    lengths = [(int(torch.randint(0, image + 1, (), generator=rng)), int(torch.randint(0, think + 1, (), generator=rng)),
+                int(torch.randint(0, answers + 1, (), generator=rng))) for _ in range(rollouts - 1)]
+    lengths.append((image, think, answers))
+    args, scale = make_inputs(groups, kv_heads, head_size, think, answers, image, lengths, torch.float32,
+                              device=TRITON_DEVICE, seed=seed)
+    assert_within_rule(layer_saliency_triton(*args, scale, path), args, scale, path)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the op dispatches to Triton on CUDA tensors only")
 def test_op_on_cuda_matches_cpu_kernel():
     args, scale = make_inputs(2, 2, 128, 300, 5, 1000, mixed_lengths(300, 5, 1000), torch.bfloat16)
@@ -186,7 +219,7 @@ def test_paths_add_up():
 
 
 def test_saliency_is_the_logit_change_of_the_answer_through_the_chain():
-    # SPEC.md section 3 from first principles, one rollout, one head: the think rows' attention outputs
+    # docs/method.md section 3 from first principles, one rollout, one head: the think rows' attention outputs
     # restricted to image values, read by the answer row, projected on u, equal S summed over i.
     args, scale = make_inputs(1, 1, 64, 9, 1, 12, [(12, 9, 1)], torch.float64)
     q_t, lse_t, q_a, lse_a, k_t, k_i, v_i, u_a, _ = args
@@ -247,14 +280,33 @@ def test_bad_input_names_the_argument(mutate, path, error, message):
         saliency_r1.layer_saliency(*mutate(args), scale, path)
 
 
-@pytest.mark.parametrize("mutate,path,error,message", [case[1:] for case in BAD_INPUTS],
-                         ids=[case[0] for case in BAD_INPUTS])
+# Lengths out of range: the CUDA kernel gives that rollout NaN instead of raising (the check would
+# cost a host synchronisation per call).
+LENGTH_VALUES = {"image length too long": 1, "think length negative": 0, "answer length too long": 1}
+
+
+@pytest.mark.parametrize("mutate,path,error,message", [case[1:] for case in BAD_INPUTS if case[0] not in LENGTH_VALUES],
+                         ids=[case[0] for case in BAD_INPUTS if case[0] not in LENGTH_VALUES])
 def test_triton_bad_input_names_the_argument(triton_device, mutate, path, error, message):
     from saliency_r1.kernels.layer_saliency import layer_saliency_triton
 
     args, scale = make_inputs(2, 2, 64, 17, 5, 64, [(64, 17, 5), (30, 3, 2)], torch.float32, device=triton_device)
     with pytest.raises(error, match=message.replace("[", r"\[").replace("]", r"\]")):
         layer_saliency_triton(*mutate(args), scale, path)
+
+
+@pytest.mark.parametrize("case", list(LENGTH_VALUES))
+def test_triton_lengths_out_of_range_give_that_rollout_nan(triton_device, case):
+    from saliency_r1.kernels.layer_saliency import layer_saliency_triton
+
+    mutate = next(c[1] for c in BAD_INPUTS if c[0] == case)
+    bad = LENGTH_VALUES[case]
+    args, scale = make_inputs(2, 2, 64, 17, 5, 64, [(64, 17, 5), (30, 3, 2)], torch.float32, device=triton_device)
+    got = layer_saliency_triton(*mutate(args), scale, "cot").cpu()
+    assert got[bad].isnan().all()
+    good = 1 - bad
+    want = layer_saliency_reference(*(x.cpu() for x in args), scale, "cot")
+    torch.testing.assert_close(got[good], want[good], rtol=1e-4, atol=1e-5)
 
 
 def test_triton_rejects_float64_naming_the_cpu_kernel(triton_device):
@@ -287,3 +339,81 @@ def test_torch_compile_matches_eager():
     compiled = torch.compile(summed_over_layers, fullgraph=True)
     torch.testing.assert_close(compiled(*args), summed_over_layers(*args))
 
+
+
+# ---------------------------------------------------------------- hardening
+
+@pytest.mark.parametrize("index", range(9))
+def test_an_argument_on_another_device_is_named(index):
+    """One argument on the meta device, the rest on the CPU: an error naming it, not uninitialised memory."""
+    args, scale = make_inputs(2, 2, 64, 17, 5, 64, [(64, 17, 5), (30, 3, 2)], torch.float32)
+    args = tuple(x.to("meta") if i == index else x for i, x in enumerate(args))
+    message = ("is on cpu but q_answer is on meta" if ARG_NAMES[index] == "q_answer"
+               else f"{ARG_NAMES[index]} is on meta but q_answer is on cpu")
+    with pytest.raises(ValueError, match=message):
+        saliency_r1.layer_saliency(*args, scale, "cot")
+
+
+def test_zero_query_heads_is_an_error_not_a_crash():
+    args, scale = make_inputs(1, 2, 64, 17, 5, 64, [(64, 17, 5)], torch.float32)
+    no_heads = tuple(x[:, :0] if i in (0, 1, 2, 3, 7) else x for i, x in enumerate(args))
+    with pytest.raises(ValueError, match="H=0 must be a positive multiple of k_image's H_kv=2"):
+        saliency_r1.layer_saliency(*no_heads, scale, "cot")
+    with pytest.raises(ValueError, match="H=0 must be a positive multiple"):
+        from saliency_r1.kernels.layer_saliency import layer_saliency_triton
+
+        layer_saliency_triton(*(x.to(TRITON_DEVICE) for x in no_heads), scale, "cot")
+
+
+@pytest.mark.parametrize("index", [0, 1, 2, 3, 4, 5, 6, 7])
+def test_a_non_finite_input_poisons_only_its_rollout(index, triton_device):
+    """NaN in one rollout's inputs: that rollout's output is not finite (never a finite wrong number), the
+    other rollout's is unchanged, in both kernels."""
+    from saliency_r1.kernels.layer_saliency import layer_saliency_triton
+
+    args, scale = make_inputs(2, 2, 64, 17, 5, 64, [(64, 17, 5), (30, 3, 2)], torch.float32)
+    poisoned = list(args)
+    poisoned[index] = poisoned[index].clone()
+    poisoned[index][0, 0, 0] = float("nan")
+    want = layer_saliency_reference(*args, scale, "both")
+    for out in (saliency_r1.layer_saliency(*poisoned, scale, "both"),
+                layer_saliency_triton(*(x.to(triton_device) for x in poisoned), scale, "both").cpu()):
+        assert not torch.isfinite(out[0]).all()
+        torch.testing.assert_close(out[1], want[1], rtol=1e-4, atol=1e-5)
+
+
+METADATA_CASES = [case for case in BAD_INPUTS if "length" not in case[0] or "batch" in case[0] or "[B, 3]" in case[4]]
+
+
+@pytest.mark.parametrize("mutate,path,error,message", [case[1:] for case in METADATA_CASES],
+                         ids=[case[0] for case in METADATA_CASES])
+def test_the_fake_rejects_what_the_kernel_rejects(mutate, path, error, message):
+    """Types, ranks, shapes, head counts and devices (no values: a fake has none), so that torch.compile
+    refuses what eager refuses."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    args, scale = make_inputs(2, 2, 64, 17, 5, 64, [(64, 17, 5), (30, 3, 2)], torch.float32)
+    bad = mutate(args)
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(x) for x in bad]
+        with pytest.raises(error, match=message.replace("[", r"\[").replace("]", r"\]")):
+            torch.ops.saliency.layer_saliency(*fake, scale, path)
+
+
+def test_opcheck_of_the_triton_kernel():
+    """The Triton kernel (interpreted, or on CUDA) under torch.library's checks, registered as a test op
+    with the package's fake, as ops.py registers it for CUDA."""
+    from saliency_r1.kernels.layer_saliency import layer_saliency_triton
+    from saliency_r1.ops import _layer_saliency_fake
+
+    @torch.library.custom_op("saliency_test::layer_saliency_triton", mutates_args=())
+    def triton_op(q_think: torch.Tensor, lse_think: torch.Tensor, q_answer: torch.Tensor, lse_answer: torch.Tensor,
+                  k_think: torch.Tensor, k_image: torch.Tensor, v_image: torch.Tensor, u_answer: torch.Tensor,
+                  lengths: torch.Tensor, scale: float, path: str = "cot") -> torch.Tensor:
+        return layer_saliency_triton(q_think, lse_think, q_answer, lse_answer, k_think, k_image, v_image, u_answer,
+                                     lengths, scale, path)
+
+    triton_op.register_fake(_layer_saliency_fake)
+    args, scale = make_inputs(2, 2, 64, 9, 3, 40, mixed_lengths(9, 3, 40), torch.float32, device=TRITON_DEVICE)
+    for path in PATHS:
+        torch.library.opcheck(triton_op, (*args, scale, path))

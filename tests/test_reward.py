@@ -1,4 +1,4 @@
-"""The reward op (SPEC.md section 4): C++ CPU kernel and Triton kernel against the materialising reference.
+"""The reward op (docs/method.md section 4): C++ CPU kernel and Triton kernel against the materialising reference.
 
 Tolerances. The C++ kernel and the reference both work in float64 and round to float32 at the end, so
 they agree to one float32 ulp (rtol 2**-23), plus 1e-12 absolute for the summation by parts, which
@@ -23,6 +23,7 @@ import saliency_r1.ops  # noqa: F401  (loads the library: registers torch.ops.sa
 from saliency_r1.rewards import saliency_in_box
 from saliency_r1.kernels.reference.reward import reward_public_way, reward_reference
 from saliency_r1.kernels.reward import reward_triton
+from conftest import TRITON_DEVICE
 
 CPU_TOL = dict(rtol=2.0 ** -23, atol=1e-12)
 TRITON_TOL = dict(rtol=0.0, atol=2e-6)
@@ -397,3 +398,105 @@ def test_cpu_calls_run_the_compiled_kernel_without_python():
     # And the kernel's own error text uses c10's dtype names ("Int"), which no Python check writes.
     with pytest.raises(TypeError, match=r"got Int tensor of shape \[2, 4, 5\]"):
         torch.ops.saliency.reward(batch[0].nan_to_num(0).int(), *batch[1:])
+
+
+# ---------------------------------------------------------------- hardening: devices, extreme values, check=False
+
+@pytest.mark.parametrize("index", range(6))
+def test_an_argument_on_another_device_is_named(index):
+    """One argument on the meta device, the rest on the CPU: an error naming it, not uninitialised memory."""
+    batch = [t.nan_to_num(0) for t in _good()]
+    batch[index] = batch[index].to("meta")
+    names = ("maps", "map_sizes", "image_sizes", "boxes", "box_counts", "valid")
+    message = (r"must be on the device of maps \(meta\)" if index == 0 else
+               rf"{names[index]} must be on the device of maps \(cpu\).*on meta")
+    with pytest.raises(ValueError, match=message):
+        saliency_r1.reward(*batch)
+
+
+def _scaled_grid(scale: float, dtype=torch.float64):
+    """The map [[0, 1], [0, 1]] times ``scale`` on a 4 x 4 image, scored on the right half: 0.875."""
+    maps = (torch.tensor([[[0.0, 1.0], [0.0, 1.0]]], dtype=torch.float64) * scale).to(dtype)
+    return (maps, torch.tensor([[2, 2]]), torch.tensor([[4, 4]]), torch.tensor([[[2, 0, 3, 3]]]), torch.tensor([1]),
+            torch.ones(1))
+
+
+@pytest.mark.parametrize("scale", [1e308, 1e-310, 1.0])
+def test_maps_at_the_ends_of_float64_are_scored_right(scale, triton_device):
+    assert saliency_r1.reward(*_scaled_grid(scale)).tolist() == pytest.approx([0.875], abs=1e-6)
+    assert reward_triton(*to(_scaled_grid(scale), triton_device)).tolist() == pytest.approx([0.875], abs=1e-6)
+
+
+@pytest.mark.parametrize("scale", [3e38, 1e-40])
+def test_float32_maps_near_overflow_are_scored_right(scale, triton_device):
+    batch = _scaled_grid(scale, torch.float32)
+    assert saliency_r1.reward(*batch).tolist() == pytest.approx([0.875], abs=1e-6)
+    assert reward_triton(*to(batch, triton_device)).tolist() == pytest.approx([0.875], abs=1e-6)
+
+
+@pytest.mark.parametrize("side", [2 ** 24 + 1, 2 ** 31, 2 ** 63 - 1])
+def test_image_sides_the_kernels_cannot_count_are_refused(side, triton_device):
+    maps, map_sizes, _, boxes, counts, valid = _scaled_grid(1.0)
+    sizes = torch.tensor([[side, 4]])
+    with pytest.raises(ValueError, match=r"image_sizes\[0\] = .* must be positive and at most 16777216"):
+        saliency_r1.reward(maps, map_sizes, sizes, boxes, counts, valid)
+    with pytest.raises(ValueError, match=r"image_sizes\[0\] = .* must be positive and at most 16777216"):
+        reward_triton(*to((maps, map_sizes, sizes, boxes, counts, valid), triton_device))
+
+
+def test_the_largest_image_side_is_scored_exactly():
+    # A uniform map on a 2**24 x 3 image, its top half boxed: exactly half the mass.
+    half = 2 ** 23
+    batch = (torch.ones(1, 1, 1), torch.tensor([[1, 1]]), torch.tensor([[2 ** 24, 3]]),
+             torch.tensor([[[0, 0, 2, half - 1]]]), torch.tensor([1]), torch.ones(1))
+    assert saliency_r1.reward(*batch).tolist() == [0.5]
+
+
+@pytest.mark.parametrize("case", ["map size zero", "box count too large", "y_hi < y_lo", "nan in map", "valid inf"])
+def test_without_check_a_bad_rollout_is_nan_and_the_rest_are_scored(case, triton_device):
+    mutate = next(c[1] for c in BAD_INPUTS if c[0] == case)
+    batch = mutate(_good())
+    bad = next(b for b in range(2) if saliency_r1.reward(*[t[b:b + 1] for t in batch], check=False).isnan().all())
+    got = saliency_r1.reward(*batch, check=False)
+    assert got[bad].isnan() and not got[1 - bad].isnan()
+    good = [t[1 - bad:2 - bad] for t in batch]
+    torch.testing.assert_close(got[1 - bad:2 - bad], reward_reference(*good), **CPU_TOL)
+    triton = reward_triton(*to(batch, triton_device), check=False).cpu()
+    assert triton[bad].isnan()
+    torch.testing.assert_close(triton[1 - bad:2 - bad], reward_reference(*good), **TRITON_TOL)
+
+
+@pytest.mark.parametrize("mutate,error,message", [c[1:] for c in BAD_INPUTS[:9]], ids=[c[0] for c in BAD_INPUTS[:9]])
+def test_the_fake_rejects_what_the_kernel_rejects(mutate, error, message):
+    """Types, ranks, shapes and devices (no values: a fake has none), so torch.compile refuses what eager does."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    bad = mutate(_good())
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) for t in bad]
+        with pytest.raises(error, match=message):
+            torch.ops.saliency.reward(*fake)
+
+
+def test_torch_compile_rejects_what_eager_rejects():
+    batch = [t.nan_to_num(0) for t in _good()]
+    batch[3] = batch[3][..., :3]
+    compiled = torch.compile(lambda *args: saliency_r1.reward(*args), fullgraph=True)
+    with pytest.raises(Exception, match=r"boxes must have shape \[B, K_max, 4\]"):
+        compiled(*batch)
+
+
+def test_opcheck_of_the_triton_kernel():
+    """The Triton kernel (interpreted, or on CUDA) under torch.library's checks, registered as a test op
+    with the package's fake, as ops.py registers it for CUDA."""
+    from saliency_r1.ops import _reward_fake
+
+    @torch.library.custom_op("saliency_test::reward_triton", mutates_args=())
+    def triton_reward(maps: torch.Tensor, map_sizes: torch.Tensor, image_sizes: torch.Tensor, boxes: torch.Tensor,
+                      box_counts: torch.Tensor, valid: torch.Tensor, check: bool = True) -> torch.Tensor:
+        return reward_triton(maps, map_sizes, image_sizes, boxes, box_counts, valid, check=check)
+
+    triton_reward.register_fake(_reward_fake)
+    for batch in (_good(), make_batch(mixed_rollouts(5, seed=11, max_side=300), dtype=torch.float64,
+                                      index_dtype=torch.int32)):
+        torch.library.opcheck(triton_reward, tuple(t.nan_to_num(0).to(TRITON_DEVICE) for t in batch))

@@ -1,4 +1,4 @@
-// CPU kernel of saliency::layer_saliency (SPEC.md section 3): one layer's S(a, i), summed over heads.
+// CPU kernel of saliency::layer_saliency (docs/method.md section 3): one layer's S(a, i), summed over heads.
 //
 // Per rollout (at::parallel_for over rollouts), every head at once through batched ATen matmuls:
 // grouped-query attention is a reshape, not a copy of K/V per query head: query head h = kv * g + j,
@@ -57,7 +57,7 @@ void check_shapes(const at::Tensor& q_think, const at::Tensor& lse_think, const 
                     " but k_image has H_kv=", kv_heads);
   TORCH_CHECK_VALUE(v_image.size(1) == kv_heads, "kv head count mismatch: v_image has H_kv=", v_image.size(1),
                     " but k_image has H_kv=", kv_heads);
-  TORCH_CHECK_VALUE(kv_heads > 0 && heads % kv_heads == 0, "q_answer's H=", heads,
+  TORCH_CHECK_VALUE(heads > 0 && kv_heads > 0 && heads % kv_heads == 0, "q_answer's H=", heads,
                     " must be a positive multiple of k_image's H_kv=", kv_heads);
   const std::pair<const char*, const at::Tensor*> per_dim[] = {
       {"q_think", &q_think}, {"k_think", &k_think}, {"k_image", &k_image}, {"v_image", &v_image},

@@ -1,4 +1,4 @@
-// CPU kernel of saliency::reward (SPEC.md section 4): the fraction of each upsampled saliency map's
+// CPU kernel of saliency::reward (docs/method.md section 4): the fraction of each upsampled saliency map's
 // mass inside the union of its boxes, computed on the h' x w' grid without materialising H x W.
 //
 // Separable form. Bilinear upsampling with align_corners=False gives output pixel x the source
@@ -235,8 +235,18 @@ double score(Workspace& ws, const Axis& ax, const Axis& ay, int64_t h, int64_t w
   return std::clamp(mass / total, 0.0, 1.0);
 }
 
+// What is wrong with rollout b's sizes, box count, validity or boxes, in the order the Triton kernel checks
+// them; empty when nothing is.
+std::string value_problem(int64_t b, const int64_t* msp, const int64_t* isp, const int64_t* bxp, const int64_t* bcp,
+                          const double* vdp, const at::Tensor& maps, const at::Tensor& boxes, int64_t h_max,
+                          int64_t w_max, int64_t K_max);
+
+// Pixel counts must be exact in float32 for the Triton kernel; the same limit here, so both kernels
+// accept the same images (16.7 million pixels a side).
+constexpr int64_t kMaxSide = int64_t{1} << 24;
+
 at::Tensor reward_cpu(const at::Tensor& maps, const at::Tensor& map_sizes, const at::Tensor& image_sizes,
-                      const at::Tensor& boxes, const at::Tensor& box_counts, const at::Tensor& valid) {
+                      const at::Tensor& boxes, const at::Tensor& box_counts, const at::Tensor& valid, bool check) {
   // Wrong dtypes raise TypeError in Python, wrong shapes and values ValueError (as the Triton launcher does).
   TORCH_CHECK_TYPE(at::isFloatingType(maps.scalar_type()),
                    "reward: maps must be a float32/float64/bfloat16/float16 tensor of shape [B, h_max, w_max], got ",
@@ -281,24 +291,20 @@ at::Tensor reward_cpu(const at::Tensor& maps, const at::Tensor& map_sizes, const
                 *bxp = bx.const_data_ptr<int64_t>(), *bcp = bc.const_data_ptr<int64_t>();
   const double* vdp = vd.const_data_ptr<double>();
 
-  // Argument values, checked before any work so that the first bad rollout is the one reported.
+  // Argument values, checked before any work so that the first bad rollout is the one reported. Without
+  // `check`, a bad rollout's result is NaN instead (never a plausible number), as the Triton kernel's.
   std::vector<std::vector<Box>> rollout_boxes(B);
+  std::vector<char> usable(B, 1);
   for (int64_t b = 0; b < B; ++b) {
-    const int64_t h = msp[2 * b], w = msp[2 * b + 1], H = isp[2 * b], W = isp[2 * b + 1];
-    TORCH_CHECK_VALUE(h > 0 && w > 0, "reward: map_sizes[", b, "] = (", h, ", ", w, ") must be positive");
-    TORCH_CHECK_VALUE(h <= h_max && w <= w_max, "reward: map_sizes[", b, "] = (", h, ", ", w,
-                ") is larger than the padded maps tensor of shape ", maps.sizes());
-    TORCH_CHECK_VALUE(H > 0 && W > 0, "reward: image_sizes[", b, "] = (", H, ", ", W, ") must be positive");
-    const int64_t count = bcp[b];
-    TORCH_CHECK_VALUE(count >= 0 && count <= K_max, "reward: box_counts[", b, "] = ", count,
-                " must lie in [0, K_max = ", K_max, "] (boxes has shape ", boxes.sizes(), ")");
-    TORCH_CHECK_VALUE(std::isfinite(vdp[b]), "reward: valid[", b, "] = ", vdp[b], " is not finite");
-    for (int64_t k = 0; k < count; ++k) {
+    const std::string problem = value_problem(b, msp, isp, bxp, bcp, vdp, maps, boxes, h_max, w_max, K_max);
+    if (!problem.empty()) {
+      TORCH_CHECK_VALUE(!check, problem);
+      usable[b] = 0;
+      continue;
+    }
+    const int64_t H = isp[2 * b], W = isp[2 * b + 1];
+    for (int64_t k = 0; k < bcp[b]; ++k) {
       const int64_t* q = bxp + (b * K_max + k) * 4;
-      TORCH_CHECK_VALUE(q[2] >= q[0], "reward: boxes[", b, ", ", k, "] = (", q[0], ", ", q[1], ", ", q[2], ", ", q[3],
-                  ") has x_hi < x_lo");
-      TORCH_CHECK_VALUE(q[3] >= q[1], "reward: boxes[", b, ", ", k, "] = (", q[0], ", ", q[1], ", ", q[2], ", ", q[3],
-                  ") has y_hi < y_lo");
       // Clamp to the image; a box wholly off it is empty and dropped.
       const Box c{std::max<int64_t>(q[0], 0), std::max<int64_t>(q[1], 0), std::min(q[2], W - 1),
                   std::min(q[3], H - 1)};
@@ -317,11 +323,16 @@ at::Tensor reward_cpu(const at::Tensor& maps, const at::Tensor& map_sizes, const
     at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
       Workspace ws;
       for (int64_t b = begin; b < end; ++b) {
+        if (!usable[b]) {
+          outp[b] = NAN;
+          continue;
+        }
         const int64_t h = msp[2 * b], w = msp[2 * b + 1], H = isp[2 * b], W = isp[2 * b + 1];
-        // relu and the finiteness check in one pass over the map.
+        // relu, the finiteness check and the peak in one pass over the map.
         ws.g.resize(h * w);
         // Branch-free: v - v is 0 for finite v and NaN for NaN or inf.
         int non_finite = 0;
+        double peak = 0.0;
         for (int64_t r = 0; r < h; ++r) {
           const scalar_t* row = mp + b * sb + r * sh;
           double* out_row = ws.g.data() + r * w;
@@ -329,7 +340,13 @@ at::Tensor reward_cpu(const at::Tensor& maps, const at::Tensor& map_sizes, const
             const double v = static_cast<double>(row[c * sw]);
             non_finite |= !(v - v == 0.0);
             out_row[c] = relu(v);
+            peak = std::max(peak, out_row[c]);
           }
+        }
+        // The score is invariant to the map's scale: a map near the ends of float64's range (1e308, whose
+        // mass overflows; 1e-310, whose weighted sums underflow) is brought to a peak of 1 first.
+        if (peak > 0.0 && (peak > 1e100 || peak < 1e-100)) {
+          for (double& v : ws.g) v /= peak;
         }
         const bool ok = non_finite == 0;
         finite[b] = ok;
@@ -338,11 +355,44 @@ at::Tensor reward_cpu(const at::Tensor& maps, const at::Tensor& map_sizes, const
       }
     });
   });
-  for (int64_t b = 0; b < B; ++b) {
+  for (int64_t b = 0; b < B && check; ++b) {
     TORCH_CHECK_VALUE(finite[b], "reward: maps[", b, "] holds NaN or inf inside its map_sizes[", b, "] = (", msp[2 * b],
                 ", ", msp[2 * b + 1], ") region");
   }
   return out;
+}
+
+std::string value_problem(int64_t b, const int64_t* msp, const int64_t* isp, const int64_t* bxp, const int64_t* bcp,
+                          const double* vdp, const at::Tensor& maps, const at::Tensor& boxes, int64_t h_max,
+                          int64_t w_max, int64_t K_max) {
+  std::ostringstream out;
+  const int64_t h = msp[2 * b], w = msp[2 * b + 1], H = isp[2 * b], W = isp[2 * b + 1];
+  if (!(h > 0 && w > 0)) {
+    out << "reward: map_sizes[" << b << "] = (" << h << ", " << w << ") must be positive";
+  } else if (!(h <= h_max && w <= w_max)) {
+    out << "reward: map_sizes[" << b << "] = (" << h << ", " << w << ") is larger than the padded maps tensor of shape "
+        << maps.sizes();
+  } else if (!(H > 0 && W > 0 && H <= kMaxSide && W <= kMaxSide)) {
+    out << "reward: image_sizes[" << b << "] = (" << H << ", " << W << ") must be positive and at most " << kMaxSide
+        << " (the float32 kernel counts pixels exactly up to there)";
+  } else if (!(bcp[b] >= 0 && bcp[b] <= K_max)) {
+    out << "reward: box_counts[" << b << "] = " << bcp[b] << " must lie in [0, K_max = " << K_max << "] (boxes has shape "
+        << boxes.sizes() << ")";
+  } else if (!std::isfinite(vdp[b])) {
+    out << "reward: valid[" << b << "] = " << vdp[b] << " is not finite";
+  } else {
+    for (const char axis : {'x', 'y'}) {
+      for (int64_t k = 0; k < bcp[b]; ++k) {
+        const int64_t* q = bxp + (b * K_max + k) * 4;
+        if (axis == 'x' ? q[2] < q[0] : q[3] < q[1]) {
+          out << "reward: boxes[" << b << ", " << k << "] = (" << q[0] << ", " << q[1] << ", " << q[2] << ", " << q[3]
+              << ") has " << axis << "_hi < " << axis << "_lo";
+          return out.str();
+        }
+      }
+    }
+  }
+  return out.str();
 }
 
 }  // namespace

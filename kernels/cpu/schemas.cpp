@@ -6,11 +6,12 @@
 TORCH_LIBRARY(saliency, m) {
   // Where the fake (meta) implementations live, so torch can name the module to import.
   m.set_python_module("saliency_r1.ops");
-  // Box-overlap reward of upsampled saliency maps (SPEC.md section 4). Returns float32 [B].
+  // Box-overlap reward of upsampled saliency maps (docs/method.md section 4). Returns float32 [B].
+  // check: raise on bad argument values; false gives NaN for the bad rollouts instead (no host sync on CUDA).
   m.def(
       "reward(Tensor maps, Tensor map_sizes, Tensor image_sizes, Tensor boxes, Tensor box_counts, "
-      "Tensor valid) -> Tensor");
-  // One layer's saliency S(a, i) of SPEC.md section 3, summed over heads. Returns [B, A, N]
+      "Tensor valid, bool check=True) -> Tensor");
+  // One layer's saliency S(a, i) of docs/method.md section 3, summed over heads. Returns [B, A, N]
   // (float64 for float64 inputs, else float32); the caller sums over layers.
   m.def(
       "layer_saliency(Tensor q_think, Tensor lse_think, Tensor q_answer, Tensor lse_answer, "

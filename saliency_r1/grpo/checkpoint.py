@@ -18,12 +18,17 @@ what resuming and :func:`load_trained` do instead of running the cold start agai
 from __future__ import annotations
 
 import json
+import logging
+import os
 import random
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
+
+logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 BASE_MODEL_DIR = "base-model"
@@ -46,38 +51,116 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(directory: str | Path, *, model, optimizer, scheduler, state: dict, config, rank: int = 0,
-                    is_main: bool = True, processor=None) -> Path:
-    """Writes a checkpoint; every process calls it (each saves its RNG state, the main one the rest).
+                    is_main: bool = True, processor=None, barrier=None) -> Path:
+    """Writes a checkpoint atomically; every process calls it (each saves its RNG state, the main one the rest).
+
+    Everything goes into a hidden ``.partial-<name>`` directory beside ``directory``, ``state.json`` (the
+    completeness marker) last, each file flushed to disk; then the directory is renamed into place. A
+    run killed at any moment leaves either a complete ``checkpoint-<step>`` or none (a stale partial
+    directory is removed by the next save or ignored by :func:`latest_checkpoint`).
 
     Args:
-        directory: the checkpoint directory (created).
+        directory: the checkpoint directory.
         model: the unwrapped model (a ``PeftModel`` saves only its adapter).
         optimizer, scheduler: their ``state_dict()`` is saved.
         state: JSON-serialisable loop state (``step``, ``data_position``, ...).
         config: the resolved :class:`~saliency_r1.grpo.config.TrainConfig`.
         rank: this process's index; ``is_main``: whether it writes the shared files.
         processor: saved beside the model when given, so the checkpoint loads on its own.
+        barrier: with several processes, a callable that waits for all of them
+            (``accelerator.wait_for_everyone``).
+
+    Raises:
+        RuntimeError: the weights hold NaN or inf (nothing is written).
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    torch.save(rng_state(), directory / f"rng-{rank}.pt")
+    barrier = barrier or (lambda: None)
+    bad = [name for name, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+    if bad:
+        raise RuntimeError(f"refusing to write {directory}: its weights hold NaN or inf ({len(bad)} tensors, "
+                           f"{bad[0]} first); the last checkpoint written is intact")
+    partial = directory.parent / f".partial-{directory.name}"
     if is_main:
-        model.save_pretrained(directory / "model")
+        shutil.rmtree(partial, ignore_errors=True)  # left by a run killed while saving
+        partial.mkdir(parents=True)
+    barrier()
+    _save_durably(rng_state(), partial / f"rng-{rank}.pt")
+    if is_main:
+        model.save_pretrained(partial / "model")
         if processor is not None:
-            processor.save_pretrained(directory / "model")
-        torch.save(optimizer.state_dict(), directory / "optimizer.pt")
-        torch.save(scheduler.state_dict(), directory / "scheduler.pt")
-        (directory / "state.json").write_text(json.dumps(state, indent=2))
-        config.save(directory / "config.yaml")
+            processor.save_pretrained(partial / "model")
+        _save_durably(optimizer.state_dict(), partial / "optimizer.pt")
+        _save_durably(scheduler.state_dict(), partial / "scheduler.pt")
+        config.save(partial / "config.yaml")
+    barrier()
+    if is_main:
+        _fsync_files(partial)
+        _write_durably(partial / "state.json", json.dumps(state, indent=2))
+        if directory.exists():  # the same step saved again (a resumed run): the new one replaces it
+            replaced = directory.parent / f".replaced-{directory.name}"
+            shutil.rmtree(replaced, ignore_errors=True)
+            directory.rename(replaced)
+            partial.rename(directory)
+            shutil.rmtree(replaced)
+        else:
+            partial.rename(directory)
+        _fsync(directory.parent)
+    barrier()
     return directory
+
+
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _fsync_files(directory: Path) -> None:
+    for file in directory.rglob("*"):
+        if file.is_file():
+            _fsync(file)
+
+
+def _save_durably(obj, path: Path) -> None:
+    with open(path, "wb") as handle:
+        torch.save(obj, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _write_durably(path: Path, text: str) -> None:
+    with open(path, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def checkpoint_problem(directory: str | Path) -> str | None:
+    """Why ``directory`` is not a complete checkpoint, or ``None`` when it is one."""
+    directory = Path(directory)
+    try:
+        state = json.loads((directory / "state.json").read_text())
+    except FileNotFoundError:
+        return "no state.json"
+    except (ValueError, OSError) as error:
+        return f"state.json is unreadable ({error})"
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        return "state.json holds no step"
+    for needed in ("config.yaml", "optimizer.pt", "scheduler.pt", "model"):
+        if not (directory / needed).exists():
+            return f"no {needed}"
+    return None
 
 
 def load_checkpoint(directory: str | Path, *, model, optimizer, scheduler, rank: int = 0) -> dict:
     """Restores what :func:`save_checkpoint` wrote into ``model`` (unwrapped), ``optimizer`` and
     ``scheduler`` and this process's RNG state; returns the loop state."""
     directory = Path(directory)
-    if not (directory / "state.json").is_file():
-        raise FileNotFoundError(f"{directory} is not a checkpoint (no state.json)")
+    problem = checkpoint_problem(directory)
+    if problem:
+        raise FileNotFoundError(f"{directory} is not a complete checkpoint: {problem}")
     load_weights(model, directory / "model")
     optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=False))
@@ -161,17 +244,30 @@ def saved_key_mapping(model_keys: list[str], saved_keys: list[str]) -> dict[str,
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The checkpoint with the highest step in ``output_dir``, or ``None``."""
-    found = [(int(m.group(1)), p) for p in Path(output_dir).glob("checkpoint-*")
-             if (m := _NAME.match(p.name)) and (p / "state.json").is_file()]
-    return max(found)[1] if found else None
+    """The complete checkpoint with the highest step in ``output_dir``, or ``None``; incomplete ones (a
+    run killed while writing one, before saves were atomic) are skipped with a warning naming them."""
+    found = sorted(((int(m.group(1)), p) for p in Path(output_dir).glob("checkpoint-*")
+                    if (m := _NAME.match(p.name)) and p.is_dir()), reverse=True)
+    for _, path in found:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        logger.warning("skipping incomplete checkpoint %s: %s", path, problem)
+    return None
 
 
 def save_model_dir(directory: str | Path, model, processor) -> Path:
-    """``save_pretrained`` of ``model`` and ``processor`` into ``directory``."""
+    """``save_pretrained`` of ``model`` and ``processor`` into ``directory``, atomically (written beside it,
+    then renamed into place)."""
     directory = Path(directory)
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
+    partial = directory.parent / f".partial-{directory.name}"
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    processor.save_pretrained(partial)
+    _fsync_files(partial)
+    shutil.rmtree(directory, ignore_errors=True)
+    partial.rename(directory)
+    _fsync(directory.parent)
     return directory
 
 
@@ -187,8 +283,9 @@ def load_trained(checkpoint: str | Path):
     from saliency_r1.models import load_policy, lora_base_dtype, with_lora
 
     checkpoint = Path(checkpoint)
-    if not (checkpoint / "config.yaml").is_file():
-        raise FileNotFoundError(f"{checkpoint} is not a checkpoint written by train (no config.yaml)")
+    problem = checkpoint_problem(checkpoint)
+    if problem:
+        raise FileNotFoundError(f"{checkpoint} is not a complete checkpoint written by train: {problem}")
     cfg = TrainConfig.load(checkpoint / "config.yaml")
     device = cfg.device_type()
     base_dtype = lora_base_dtype(cfg, device)  # the base the adapter was trained on

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +93,8 @@ class TrainConfig:
     adam_beta2: float = _f(0.99, "AdamW beta2.")
     warmup_steps: int = _f(4, "Linear learning-rate warm-up steps, then constant.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0: no clipping).")
+    max_non_finite_steps: int = _f(3, "Stop after this many steps in a row whose loss or gradient is not finite "
+                                      "(each is skipped and logged).")
     micro_batch_size: int = _f(8, "Rollouts per forward/backward; the step accumulates over the batch.")
     bf16: str = _f("auto", "bf16 autocast: auto (on when CUDA is present), true, false.")
     use_cpu: bool = _f(False, "Train on the CPU even when a GPU is present (bit-exact resume; debugging).")
@@ -125,14 +128,53 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        positive = ("steps", "prompts_per_step", "num_generations", "max_completion_length", "inner_iterations",
-                    "micro_batch_size", "log_every", "cold_start_size", "cold_start_batch")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        at_least = {"steps": 1, "prompts_per_step": 1, "max_completion_length": 1, "inner_iterations": 1,
+                    "micro_batch_size": 1, "log_every": 1, "cold_start_size": 1, "cold_start_batch": 1,
+                    "eval_limit": 1, "train_size": 1, "eval_size": 1, "max_non_finite_steps": 1, "lora_r": 1,
+                    "tiny_layers": 1, "tiny_hidden": 8, "min_pixels": 1, "image_size": 28, "cold_start_steps": 0,
+                    "save_every": 0, "eval_every": 0, "warmup_steps": 0, "max_image_side": 1}
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                raise ConfigError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if self.num_generations < 2:
+            raise ConfigError(f"num_generations must be >= 2, got {self.num_generations}: GRPO normalises each reward "
+                              "within its prompt's group of completions, and a group of one has no advantage to learn from")
+        if not 1 <= self.num_objects <= 4:
+            raise ConfigError(f"num_objects must be 1 to 4 (the synthetic set's colours and shapes), got {self.num_objects}")
+        if self.max_pixels < self.min_pixels:
+            raise ConfigError(f"max_pixels ({self.max_pixels}) must be >= min_pixels ({self.min_pixels})")
+        if self.tiny_hidden % 4:
+            raise ConfigError(f"tiny_hidden must be a multiple of 4 (the tiny model's attention heads), got {self.tiny_hidden}")
+        positive_finite = ("learning_rate", "cold_start_lr", "temperature", "top_p")
+        for name in positive_finite:
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name} must be a positive finite number, got {value}")
+        if self.top_p > 1:
+            raise ConfigError(f"top_p must lie in (0, 1], got {self.top_p}")
+        non_negative = ("eps_low", "eps_high", "beta", "max_grad_norm", "weight_decay", "lora_dropout",
+                        "format_weight", "accuracy_weight", "saliency_weight")
+        for name in non_negative:
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
+        if self.eps_low >= 1:
+            raise ConfigError(f"eps_low must be < 1 (the ratio's lower clip is 1 - eps_low), got {self.eps_low}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
         for tracker in self.report_to:
             if tracker not in TRACKER_PACKAGES:
                 raise ConfigError(f"report_to entries must be tensorboard or wandb, got {tracker!r}")
+        if self.resume not in (None, "auto") and not Path(self.resume).is_dir():
+            raise ConfigError(f"--resume {self.resume}: no such checkpoint directory (or 'auto' for the latest in "
+                              "output_dir)")
+        for name in ("data", "eval_data"):
+            value = getattr(self, name)
+            if value is not None and not Path(value).exists():
+                raise ConfigError(f"--{name.replace('_', '-')} {value}: no such file or directory")
+        if self.model is not None and _looks_local(self.model) and not Path(self.model).expanduser().exists():
+            raise ConfigError(f"--model {self.model}: no such folder (a hub model is named 'organisation/name')")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -157,6 +199,11 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"{path}: unknown configuration keys {sorted(unknown)}")
         return cls(**values)
+
+
+def _looks_local(name: str) -> bool:
+    """Whether a --model value is meant as a folder: a hub id is ``organisation/name``, nothing more."""
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
 
 
 def check_trackers_installed(report_to: list[str]) -> None:

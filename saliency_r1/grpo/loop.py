@@ -22,6 +22,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +40,8 @@ from saliency_r1.grpo.loss import group_advantages, policy_loss
 from saliency_r1.logps import completion_logps, pad_completions
 from saliency_r1.models import load_policy, lora_base_dtype, with_lora
 from saliency_r1.prompts import image_rows, prompt_inputs, select_rows, system_prompt_or_default
+
+logger = logging.getLogger(__name__)
 
 
 class PromptOrder:
@@ -145,11 +149,12 @@ def train(cfg: TrainConfig) -> RunResult:
     policy = accelerator.unwrap_model(model)
     adapter = get_adapter(policy)
 
-    start_step, evaluations = 0, {}
+    start_step, evaluations, bad_streak, best_format = 0, {}, 0, 0.0
     if resume_from:
         state = load_checkpoint(resume_from, model=policy, optimizer=optimizer, scheduler=scheduler, rank=rank)
         start_step = state["step"]
         evaluations = {int(k): v for k, v in state.get("evaluations", {}).items()}
+        bad_streak, best_format = state.get("bad_streak", 0), state.get("best_format", 0.0)
     order = PromptOrder(len(train_data), cfg.seed)
     global_prompts = cfg.prompts_per_step * world
     log_path = out / "train.jsonl"
@@ -204,7 +209,10 @@ def train(cfg: TrainConfig) -> RunResult:
             rollout = generate_with_saliency(policy, processor, inputs, adapter=adapter, path=cfg.saliency_path,
                                              do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
                                              max_new_tokens=cfg.max_completion_length,
-                                             suppress_tokens=adapter.vision_token_ids)
+                                             suppress_tokens=adapter.vision_token_ids,
+                                             # A diverged policy's NaN logits become garbage completions
+                                             # (invalid rollouts, a non-finite step below), not a crash.
+                                             remove_invalid_values=True)
         clock.lap("rollout")
 
         # ---- 2. rewards, 3. group-normalised advantages
@@ -233,6 +241,8 @@ def train(cfg: TrainConfig) -> RunResult:
                                     mask[rows]) for rows in micro] if cfg.beta != 0.0 else None
         clip_fraction = torch.zeros((), device=device)
         kl = torch.zeros((), device=device)
+        loss_sum = torch.zeros((), device=device)
+        grad_norms, skipped = [], 0
         model.train()
         for _ in range(cfg.inner_iterations):
             for m, rows in enumerate(micro):
@@ -251,13 +261,28 @@ def train(cfg: TrainConfig) -> RunResult:
                 share = len(rows) / len(examples) / cfg.inner_iterations
                 clip_fraction += stats["clip_fraction"] * share
                 kl += stats["kl"] * share
-            if cfg.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                loss_sum += loss.detach() / cfg.inner_iterations
+            # The norm before clipping (an infinite bound only measures). DDP has averaged the gradients,
+            # so every process takes the same decision below.
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(),
+                                                    cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+            grad_norms.append(grad_norm.detach().float())
             learning_rate = scheduler.get_last_lr()[0]  # the rate this step uses
-            optimizer.step()
-            scheduler.step()
+            # A sync per optimizer step, as a gradient scaler's: a NaN or inf loss (its gradient is then
+            # NaN too) or gradient must not reach the weights. The step is skipped and logged.
+            if bool(torch.isfinite(grad_norm)):
+                optimizer.step()
+                scheduler.step()
+            else:
+                skipped += 1
             optimizer.zero_grad(set_to_none=True)
         policy.eval()
+        bad_streak = bad_streak + 1 if skipped == cfg.inner_iterations else 0
+        if bad_streak >= cfg.max_non_finite_steps:
+            raise RuntimeError(f"training diverged: {bad_streak} steps in a row (to step {step + 1}) had a NaN or "
+                               f"infinite loss or gradient, and were skipped; the weights are those of step "
+                               f"{step + 1 - bad_streak}. Lower --learning-rate ({cfg.learning_rate:g}) or "
+                               f"--max-grad-norm, or resume from an earlier checkpoint.")
         clock.lap("update")
 
         # ---- 5. log (host syncs only here), checkpoint, evaluate
@@ -265,7 +290,10 @@ def train(cfg: TrainConfig) -> RunResult:
         pending.append((step, {**{f"reward/{k}": v.nanmean() for k, v in scores.items()},
                                "reward/total": total.mean(), "saliency_in_box": scores["saliency"].mean(),
                                "accuracy": scores["accuracy"].mean(), "format": scores["format"].mean(),
-                               "kl": kl, "clip_fraction": clip_fraction,
+                               "kl": kl, "clip_fraction": clip_fraction, "loss": loss_sum,
+                               "grad_norm": torch.stack(grad_norms).mean(),
+                               "skipped_steps": torch.tensor(float(skipped), device=device),
+                               "saliency/non_finite": rollout.non_finite.float().mean(),
                                "completion_length/mean": lengths.mean(), "completion_length/max": lengths.max(),
                                "learning_rate": torch.tensor(learning_rate)}))
         if timed:
@@ -278,11 +306,18 @@ def train(cfg: TrainConfig) -> RunResult:
                            "time/reward": clock.laps["reward"], "time/update": clock.laps["update"]})
             record["time/saliency_share"] = (record["time/saliency"] + record["time/reward"]) / sum(clock.laps.values())
             record["tokens_per_second"] = float(lengths.sum()) * world / max(generation, 1e-9)
+            best_format = max(best_format, record["reward/format"])
+            if record["reward/format"] == 0.0 and best_format > 0.0:
+                record["warning"] = (f"the format reward collapsed to 0 (it was {best_format:.3f}): the policy no "
+                                     "longer writes <think>...</think><answer>...</answer>; the learning rate may "
+                                     "be too high")
+                logger.warning("step %d: %s", record["step"], record["warning"])
             if accelerator.is_main_process:
                 with log_path.open("a") as log:
                     log.write(json.dumps(record) + "\n")
                 if cfg.report_to:
-                    accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+                    accelerator.log({k: v for k, v in record.items() if k not in ("step", "warning")},
+                                    step=record["step"])
                 bar.set_postfix(reward=f"{record['reward/total']:.3f}", sal=f"{record['saliency_in_box']:.3f}")
         done = step + 1
         if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
@@ -292,9 +327,9 @@ def train(cfg: TrainConfig) -> RunResult:
                 run_evaluation(done)
             save_checkpoint(out / f"checkpoint-{done}", model=policy, optimizer=optimizer, scheduler=scheduler,
                             state={"step": done, "data_position": done * global_prompts,
-                                   "evaluations": evaluations},
-                            config=cfg, rank=rank, is_main=accelerator.is_main_process, processor=processor)
-            accelerator.wait_for_everyone()
+                                   "evaluations": evaluations, "bad_streak": bad_streak, "best_format": best_format},
+                            config=cfg, rank=rank, is_main=accelerator.is_main_process, processor=processor,
+                            barrier=accelerator.wait_for_everyone)
     bar.close()
     tracker_dirs = {}
     if cfg.report_to and accelerator.is_main_process:

@@ -23,6 +23,10 @@ def score_rollouts(rollout, examples: list[dict], extra: list) -> dict[str, torc
     ``format`` is the rollout's validity (the one well-formedness predicate, ``docs/method.md``
     section 2), and the saliency reward is multiplied by it. ``extra`` callables take TRL's form
     and also receive ``saliency_maps`` and ``saliency_valid``.
+
+    Nothing here waits for the device: the engine's maps are finite (a rollout whose saliency is not
+    is invalid, with a zero map), boxes and sizes are checked on the host, so the reward op runs without
+    its own value check, whose read would be a second synchronisation of the step.
     """
     from saliency_r1.rewards import accuracy_reward, saliency_in_box
 
@@ -33,7 +37,7 @@ def score_rollouts(rollout, examples: list[dict], extra: list) -> dict[str, torc
     scores = {"format": rollout.valid,
               "accuracy": torch.tensor(accuracy_reward(rollout.texts, **columns), device=device),
               "saliency": saliency_in_box([maps[0] for maps in rollout.maps], columns["bbox"], sizes,
-                                          valid=rollout.valid)}
+                                          valid=rollout.valid, check=False)}
     for fn in extra:
         name = getattr(fn, "__name__", "extra")
         values = fn(completions=rollout.texts, saliency_maps=rollout.maps, saliency_valid=rollout.valid, **columns)
