@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from transformers import LogitsProcessorList
 
-from common import (GENERATION_DEVICES, QWEN2_5_VL_3B_TEXT_MODEL, SMALL_TEXT_MODEL, ScriptedRows,
+from common import (DEVICES, QWEN2_5_VL_3B_TEXT_MODEL, SMALL_TEXT_MODEL, ScriptedRows,
                     measure_peak_memory, one_cpu_thread, peak_tensor_bytes, report, scripted_completions,
                     time_median)
 from saliency_r1.capture import text_attention
@@ -55,7 +55,7 @@ def _setup(device: str):
     return cfg, processor, model, inputs, script
 
 
-@pytest.mark.parametrize("device", GENERATION_DEVICES)
+@pytest.mark.parametrize("device", DEVICES)
 def test_bench_generation_with_capture(benchmark, device):
     cuda = device == "cuda"
     with one_cpu_thread(device):

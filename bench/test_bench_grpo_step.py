@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from transformers import LogitsProcessorList
 
-from common import (GENERATION_DEVICES, QWEN2_5_VL_3B_TEXT_MODEL, SMALL_TEXT_MODEL, ScriptedRows,
+from common import (DEVICES, QWEN2_5_VL_3B_TEXT_MODEL, SMALL_TEXT_MODEL, ScriptedRows,
                     measure_peak_memory, one_cpu_thread, peak_tensor_bytes, report, scripted_completions)
 from saliency_r1.adapters import get_adapter
 from saliency_r1.grpo.config import TrainConfig
@@ -122,7 +122,7 @@ def _grpo_step(cfg, processor, policy, optimizer, inputs, examples, scripts, *, 
     return clock
 
 
-@pytest.mark.parametrize("device", GENERATION_DEVICES)
+@pytest.mark.parametrize("device", DEVICES)
 def test_bench_grpo_step_saliency_share(benchmark, device):
     cuda = device == "cuda"
     with one_cpu_thread(device):

@@ -17,11 +17,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common import measure_peak_memory, report, time_median
+from common import DEVICES, measure_peak_memory, report, time_median
 from saliency_r1.logps import token_logps
 
 VOCAB = 151_936
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def full_logits_logps(hidden, head, ids, temperature):

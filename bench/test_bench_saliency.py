@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from common import measure_peak_memory, report, time_median
+from common import NO_CUDA, measure_peak_memory, report, time_median
 from saliency_r1 import layer_saliency
 from saliency_r1.projection import answer_logit_directions, project_answer_vectors
 
@@ -173,12 +173,10 @@ def _baseline_layers_that_fit(cfg: Config, device: str) -> int:
     return max(1, min(cfg.layers, int((free // 2 - logits) // (2 * rows_per_layer))))
 
 
-DEVICES = [pytest.param("cpu", CPU, id="cpu")]
-if torch.cuda.is_available():
-    DEVICES.append(pytest.param("cuda", GPU, id="cuda"))
+DEVICES_AND_SHAPES = [pytest.param("cpu", CPU, id="cpu"), pytest.param("cuda", GPU, id="cuda", marks=NO_CUDA)]
 
 
-@pytest.mark.parametrize("device,cfg", DEVICES)
+@pytest.mark.parametrize("device,cfg", DEVICES_AND_SHAPES)
 def test_bench_layer_saliency_vs_public_way(benchmark, device, cfg):
     cuda = device == "cuda"
     full = Rollouts(cfg, device)

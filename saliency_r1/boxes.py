@@ -6,8 +6,9 @@ integer pixel ranges; ``docs/method.md`` section 4 fixes the conversion for an `
 
     x_lo = floor(W * x1),  y_lo = floor(H * y1),  x_hi = floor(W * x2),  y_hi = floor(H * y2)
 
-(the public code scales ``y1`` by the width: a bug, not followed here). Values outside ``[0, 1]`` are
-accepted; the op clamps boxes to the image.
+(the public code scales ``y1`` by the width: a bug, not followed here). :func:`parse_box` is the one
+validation of a box, wherever it comes from: values in ``[0, 1]``, ``x1 < x2`` and ``y1 < y2``. (The op
+itself takes pixel boxes and clamps them to the image.)
 """
 
 from __future__ import annotations
@@ -47,10 +48,12 @@ def _literal(text: str):
 
 
 def parse_box(box) -> Box:
-    """One normalised box ``[x1, y1, x2, y2]`` from a string, list or tuple of four numbers.
+    """One normalised box ``[x1, y1, x2, y2]`` from a string, list or tuple of four numbers, checked: the
+    one validation of boxes, wherever they come from (data, the reward's inputs, ``explain``).
 
     Raises:
-        ValueError: not four numbers, a NaN or infinite value, ``x2 < x1`` or ``y2 < y1``.
+        ValueError: not four numbers, a NaN or infinite value, a value outside ``[0, 1]``, ``x2 < x1`` or
+            ``y2 < y1``, or an empty box (``x1 == x2`` or ``y1 == y2``).
 
     >>> parse_box("[0.12,0.30,0.55,0.81]")
     (0.12, 0.3, 0.55, 0.81)
@@ -59,7 +62,11 @@ def parse_box(box) -> Box:
     >>> parse_box("[0.5, 0.2, 0.1, 0.9]")
     Traceback (most recent call last):
     ...
-    ValueError: box [0.5, 0.2, 0.1, 0.9] has x2 < x1 (need x1 <= x2 and y1 <= y2)
+    ValueError: box [0.5, 0.2, 0.1, 0.9] has x2 < x1 (need x1 < x2 and y1 < y2)
+    >>> parse_box([0.1, 0.1, 5, 5])
+    Traceback (most recent call last):
+    ...
+    ValueError: box [0.1, 0.1, 5, 5] lies outside the image (normalised values must be in [0, 1])
     """
     value = _as_python(_literal(box) if isinstance(box, str) else box)
     if not isinstance(value, (list, tuple)) or len(value) != 4 or not all(_is_number(v) for v in value):
@@ -67,10 +74,14 @@ def parse_box(box) -> Box:
     x1, y1, x2, y2 = (float(v) for v in value)
     if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
         raise ValueError(f"box {list(value)} holds a NaN or infinite value")
+    if not all(0.0 <= v <= 1.0 for v in (x1, y1, x2, y2)):
+        raise ValueError(f"box {list(value)} lies outside the image (normalised values must be in [0, 1])")
     if x2 < x1:
-        raise ValueError(f"box {list(value)} has x2 < x1 (need x1 <= x2 and y1 <= y2)")
+        raise ValueError(f"box {list(value)} has x2 < x1 (need x1 < x2 and y1 < y2)")
     if y2 < y1:
-        raise ValueError(f"box {list(value)} has y2 < y1 (need x1 <= x2 and y1 <= y2)")
+        raise ValueError(f"box {list(value)} has y2 < y1 (need x1 < x2 and y1 < y2)")
+    if x2 == x1 or y2 == y1:
+        raise ValueError(f"box {list(value)} is empty (need x1 < x2 and y1 < y2)")
     return x1, y1, x2, y2
 
 

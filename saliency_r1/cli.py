@@ -48,10 +48,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     model, processor, cfg = load_trained(args.checkpoint)
     if args.data:
         from saliency_r1.data.loader import load_saliency_data
+        from saliency_r1.models import image_check
 
-        dataset = load_saliency_data(args.data, max_image_side=cfg.max_image_side)
+        dataset = load_saliency_data(args.data, max_image_side=cfg.max_image_side, check_image=image_check(processor))
     else:
-        _, dataset = load_data(cfg)
+        _, dataset = load_data(cfg, processor)
         if dataset is None:
             raise SystemExit("this run had no held-out data: pass --data")
     metrics = evaluate(model, processor, dataset, system_prompt=system_prompt_or_default(cfg.system_prompt),
@@ -69,9 +70,13 @@ def _explain(args: argparse.Namespace) -> int:
 
     from saliency_r1.explain import explain
     from saliency_r1.grpo.checkpoint import load_trained
+    from saliency_r1.grpo.config import ConfigError
 
+    try:  # the image before the model: a bad path costs nothing
+        image = Image.open(args.image).convert("RGB")
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"--image {args.image}: not an image that can be read ({error})") from None
     model, processor, cfg = load_trained(args.checkpoint)
-    image = Image.open(args.image).convert("RGB")
     result = explain(model, processor, image, args.question, boxes=args.box, system_prompt=cfg.system_prompt,
                      path=cfg.saliency_path, max_new_tokens=cfg.max_completion_length)
     print(result.text)
@@ -86,6 +91,24 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
+    return value
+
+
+def _box_argument(text: str) -> str:
+    """A box as the data holds them, checked as the data loader checks them (one validation of boxes)."""
+    from saliency_r1.data.loader import parse_normalised_boxes
+
+    try:
+        parse_normalised_boxes(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     from saliency_r1.grpo.config import build_parser as config_parser
 
@@ -96,13 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="held-out saliency-in-box, pointing game and accuracy")
     evaluate.add_argument("checkpoint", help="a checkpoint directory written by train")
     evaluate.add_argument("--data", help="held-out data in the Saliency-R1 format (default: the run's)")
-    evaluate.add_argument("--limit", type=int, default=None, help="evaluate the first N records")
+    evaluate.add_argument("--limit", type=_positive_int, default=None, help="evaluate the first N records")
     evaluate.add_argument("--out", help="also write the metrics to this JSON file")
     explain = commands.add_parser("explain", help="answer one question and show where the answer looked")
     explain.add_argument("checkpoint", help="a checkpoint directory written by train")
     explain.add_argument("--image", required=True, help="image file")
     explain.add_argument("--question", required=True, help="the question")
-    explain.add_argument("--box", default=None, help="evidence box, normalised '[x1,y1,x2,y2]' (prints the reward)")
+    explain.add_argument("--box", default=None, type=_box_argument,
+                         help="evidence box, normalised '[x1,y1,x2,y2]' (prints the reward)")
     explain.add_argument("--out", default=None, help="write the saliency overlay PNG here")
     return parser
 

@@ -77,8 +77,11 @@ def explain(model: nn.Module, processor, image, question: str, *, boxes=None, sy
     Returns:
         :class:`Explanation`, with the per-token maps and answer-to-think weights in ``.rollout``.
     """
+    from saliency_r1.data.loader import parse_normalised_boxes
     from saliency_r1.prompts import chat_messages, system_prompt_or_default
 
+    if boxes is not None:
+        parse_normalised_boxes(boxes)  # before generating: the one validation of boxes
     adapter = adapter or get_adapter(model)
     images = _as_list(image)
     messages = chat_messages(adapter, question, system_prompt_or_default(system_prompt), len(images))

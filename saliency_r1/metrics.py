@@ -14,19 +14,16 @@ from saliency_r1.boxes import parse_boxes, to_pixel_box
 
 
 def pixel_boxes(boxes, height: int, width: int) -> list[tuple[int, int, int, int]]:
-    """Normalised ``[x1, y1, x2, y2]`` boxes to inclusive pixel ranges, clamped to the image; a box
-    wholly off the image is dropped, as the reward op counts it empty.
+    """Normalised ``[x1, y1, x2, y2]`` boxes (checked by :func:`saliency_r1.boxes.parse_box`) to inclusive
+    pixel ranges, clamped to the image as the reward op clamps them (``x2 = 1`` maps to ``x_hi = W``).
 
-    >>> pixel_boxes([[0.1, 0.2, 0.5, 1.0], [1.0, 0.0, 1.0, 1.0]], 100, 50)
-    [(5, 20, 25, 99)]
+    >>> pixel_boxes([[0.1, 0.2, 0.5, 1.0], [0.9, 0.0, 1.0, 1.0]], 100, 50)
+    [(5, 20, 25, 99), (45, 0, 49, 99)]
     """
     out = []
     for box in parse_boxes(boxes):
         x_lo, y_lo, x_hi, y_hi = to_pixel_box(box, (height, width))
-        if x_hi < 0 or y_hi < 0 or x_lo > width - 1 or y_lo > height - 1:
-            continue
-        out.append((min(max(x_lo, 0), width - 1), min(max(y_lo, 0), height - 1),
-                    min(max(x_hi, 0), width - 1), min(max(y_hi, 0), height - 1)))
+        out.append((x_lo, y_lo, min(x_hi, width - 1), min(y_hi, height - 1)))
     return out
 
 

@@ -13,23 +13,63 @@ def load_policy(cfg, dtype: torch.dtype = torch.float32):
         cfg: a :class:`~saliency_r1.grpo.config.TrainConfig` (model, pixel bounds, tiny-model shape, seed).
         dtype: the weights' dtype.
     """
-    if cfg.model is None:
-        from saliency_r1.tiny import build_tiny_model, build_tiny_processor
+    processor = load_policy_processor(cfg)
+    return load_policy_model(cfg, processor, dtype), processor
 
-        processor = build_tiny_processor(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
-        model = build_tiny_model(processor, seed=cfg.seed, dtype=dtype, num_hidden_layers=cfg.tiny_layers,
-                                 hidden_size=cfg.tiny_hidden, intermediate_size=2 * cfg.tiny_hidden)
-        return model, processor
+
+def load_policy_processor(cfg):
+    """The processor of ``cfg.model`` (or the tiny one): cheap, so that data can be checked against it
+    before the model loads."""
+    if cfg.model is None:
+        from saliency_r1.tiny import build_tiny_processor
+
+        return build_tiny_processor(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    return load_processor(cfg.model, cfg.min_pixels, cfg.max_pixels)
+
+
+def load_policy_model(cfg, processor, dtype: torch.dtype = torch.float32):
+    """The model of ``cfg.model`` (or the tiny one, built for ``processor``'s tokenizer)."""
+    if cfg.model is None:
+        from saliency_r1.tiny import build_tiny_model
+
+        return build_tiny_model(processor, seed=cfg.seed, dtype=dtype, num_hidden_layers=cfg.tiny_layers,
+                                hidden_size=cfg.tiny_hidden, intermediate_size=2 * cfg.tiny_hidden)
     from transformers import AutoModelForImageTextToText
 
-    processor = load_processor(cfg.model, cfg.min_pixels, cfg.max_pixels)
     model = AutoModelForImageTextToText.from_pretrained(
         cfg.model, dtype=dtype, attn_implementation={"text_config": "sdpa", "vision_config": "sdpa"})
     # Rollouts must be drawn from pi / T exactly, or the ratio's denominator is wrong: drop the
     # checkpoint's own logit adjustments (Qwen2.5-VL-Instruct ships repetition_penalty=1.05).
     generation = model.generation_config
     generation.repetition_penalty, generation.no_repeat_ngram_size, generation.min_p = 1.0, 0, None
-    return model, processor
+    return model
+
+
+def image_check(processor):
+    """A function that raises ``ValueError`` for an image ``processor`` would reject, for the data loader.
+
+    The Qwen image processors resize with their module's ``smart_resize`` (to multiples of the patch
+    size times the merge size, within the pixel bounds), which refuses an aspect ratio over 200: the
+    check runs it with the processor's own settings. Any other processor is run on the image itself.
+    """
+    import sys
+
+    image_processor = getattr(processor, "image_processor", processor)
+    resize = getattr(sys.modules.get(type(image_processor).__module__), "smart_resize", None)
+    size = getattr(image_processor, "size", None) or {}
+    if resize is not None and {"shortest_edge", "longest_edge"} <= set(size):
+        factor = image_processor.patch_size * image_processor.merge_size
+
+        def check(image) -> None:
+            resize(image.height, image.width, factor=factor, min_pixels=size["shortest_edge"],
+                   max_pixels=size["longest_edge"])
+    else:
+        def check(image) -> None:
+            try:
+                image_processor(images=[image], return_tensors="pt")
+            except Exception as error:  # whatever the processor raises is a reason to skip the record
+                raise ValueError(f"the image processor rejects it: {type(error).__name__}: {error}") from None
+    return check
 
 
 def load_processor(path: str, min_pixels: int, max_pixels: int):

@@ -27,8 +27,19 @@ def test_parse_box_forms(box):
     assert parse_box(box) == (0.12, 0.3, 0.55, 0.81)
 
 
-def test_degenerate_box_is_allowed():
-    assert parse_box([0.5, 0.5, 0.5, 0.5]) == (0.5, 0.5, 0.5, 0.5)
+@pytest.mark.parametrize("box, message", [([0.5, 0.5, 0.5, 0.5], "is empty"), ([0.1, 0.1, 5, 5], "outside the image"),
+                                          ([-0.1, 0.0, 0.5, 0.5], "outside the image")])
+def test_one_validation_of_boxes_everywhere(box, message):
+    """The data loader, the reward's inputs and explain all refuse what a record may not hold (explain
+    once clamped [0.1, 0.1, 5, 5] silently, while the loader rejected it)."""
+    from saliency_r1.data.loader import parse_normalised_boxes
+    from saliency_r1.rewards import saliency_in_box
+
+    for parse in (parse_box, parse_normalised_boxes):
+        with pytest.raises(ValueError, match=message):
+            parse(box)
+    with pytest.raises(ValueError, match=message):
+        saliency_in_box([torch.ones(2, 2)], [box], [(8, 8)])
 
 
 @pytest.mark.parametrize("box,message", [

@@ -1,6 +1,7 @@
 """The saliency-r1 command: train, evaluate and explain on the tiny model."""
 
 import json
+import re
 
 import pytest
 
@@ -74,7 +75,8 @@ def test_a_tracker_that_is_not_installed_stops_the_run_before_anything_loads(tra
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(loop, "load_policy", no_loading)
+    monkeypatch.setattr(loop, "load_policy_processor", no_loading)
+    monkeypatch.setattr(loop, "load_policy_model", no_loading)
     with pytest.raises(SystemExit) as stopped:
         main(["train", *TINY_RUN, "--output-dir", str(tmp_path / "run"), "--report-to", tracker])
     assert stopped.value.code == 2
@@ -125,3 +127,59 @@ def _wandb_history(path):
             rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                          for item in record.history.item})
     return rows
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--learning-rate", "0"], "learning_rate must be a positive finite number"),
+    (["--learning-rate", "nan"], "learning_rate must be a positive finite number"),
+    (["--num-generations", "1"], "num_generations must be >= 2"),
+    (["--resume", "no/such/checkpoint-3"], "--resume no/such/checkpoint-3: no such checkpoint directory"),
+    (["--model", "./no-such-model"], "--model ./no-such-model: no such folder"),
+    (["--model", "/abs/no/such"], "--model /abs/no/such: no such folder"),
+    (["--data", "missing.jsonl"], "--data missing.jsonl: no such file or directory"),
+    (["--top-p", "1.5"], r"top_p must lie in \(0, 1\]"),
+    (["--eps-low", "1"], "eps_low must be < 1"),
+    (["--temperature", "-1"], "temperature must be a positive finite number"),
+    (["--max-pixels", "100", "--min-pixels", "200"], "max_pixels"),
+    (["--eval-limit", "0"], "eval_limit must be >= 1"),
+])
+def test_bad_configuration_stops_before_anything_loads(flags, message, tmp_path, monkeypatch, capsys):
+    import saliency_r1.grpo.loop as loop
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(loop, "load_policy_processor", no_loading)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", *flags])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert "Traceback" not in err
+
+
+def test_a_hub_id_is_not_mistaken_for_a_missing_folder():
+    assert TrainConfig(model="Qwen/Qwen2.5-VL-3B-Instruct").model == "Qwen/Qwen2.5-VL-3B-Instruct"
+
+
+def test_evaluate_limit_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["evaluate", "some/checkpoint", "--limit", "-1"])
+    assert stopped.value.code == 2 and "--limit" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("box, message", [("[0.1,0.1,5,5]", "outside the image"), ("[0.1,0.2]", "four numbers"),
+                                          ("[0.5,0.5,0.5,0.9]", "empty")])
+def test_explain_box_is_checked_as_the_loader_checks_it(box, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["explain", str(tmp_path), "--image", "x.png", "--question", "q", "--box", box])
+    assert stopped.value.code == 2 and "--box" in (err := capsys.readouterr().err) and message in err
+
+
+def test_explain_names_an_image_that_cannot_be_read(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("not an image")
+    for image in (tmp_path / "missing.png", tmp_path / "notes.txt"):
+        with pytest.raises(SystemExit) as stopped:
+            main(["explain", str(tmp_path), "--image", str(image), "--question", "q"])
+        assert stopped.value.code == 2 and f"--image {image}" in capsys.readouterr().err

@@ -138,3 +138,34 @@ def test_loader_names_missing_columns(tmp_path):
     path.write_text(json.dumps({"image": "a.png", "question": "q"}))
     with pytest.raises(ValueError, match="problem"):
         load_saliency_data(path)
+
+
+def test_a_jsonl_line_that_is_not_utf8_or_json_is_a_bad_record(tmp_path):
+    Image.new("RGB", (40, 40)).save(tmp_path / "ok.png")
+    good = json.dumps({"image": "ok.png", "problem": "q", "solution": "a", "bbox": "[0.1,0.1,0.5,0.5]"}).encode()
+    lines = [good, b'{"image": "ok.png", "problem": "caf\xe9", "solution": "a", "bbox": "[0,0,1,1]"}', b"{not json",
+             b"[1, 2]", good]
+    (tmp_path / "train.jsonl").write_bytes(b"\n".join(lines))
+    data = load_saliency_data(tmp_path / "train.jsonl")
+    assert len(data) == 2 and [data[i]["index"] for i in range(2)] == [0, 4]
+    reasons = dict(data.skipped)
+    assert "line 2 is not UTF-8" in reasons[1] and "line 3 is not JSON" in reasons[2]
+    assert "line 4 is not a JSON object" in reasons[3]
+
+
+def test_an_image_the_processor_would_reject_is_skipped_at_load(tmp_path):
+    """A 500 x 2 PNG passes every other check, but the Qwen processors refuse an aspect ratio over 200: it
+    crashed training at step 2 before the loader asked the processor."""
+    from saliency_r1.models import image_check
+    from saliency_r1.tiny import build_tiny_processor
+
+    Image.new("RGB", (500, 2)).save(tmp_path / "thin.png")
+    Image.new("RGB", (40, 40)).save(tmp_path / "ok.png")
+    rows = [{"image": name, "problem": "q", "solution": "a", "bbox": "[0.1,0.0,0.5,1.0]"} for name in ("ok.png", "thin.png")]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    processor = build_tiny_processor()
+    data = load_saliency_data(tmp_path / "train.jsonl", check_image=image_check(processor))
+    assert len(data) == 1 and data.skipped[0][0] == 1 and "aspect ratio" in data.skipped[0][1]
+    assert len(load_saliency_data(tmp_path / "train.jsonl")) == 2  # without the check: what crashed the run
+    with pytest.raises(ValueError, match="aspect ratio"):  # the processor itself refuses it
+        processor.image_processor(images=[Image.open(tmp_path / "thin.png").convert("RGB")])

@@ -267,8 +267,9 @@ def test_agrees_with_the_public_way_on_string_boxes(seed):
         # Qwen2.5-VL maps: one cell per 28 px of the resized image, stretched back over the original.
         H, W = rng.randint(28, 1100), rng.randint(28, 1100)
         maps.append(torch.randn(max(1, round(H / 28)), max(1, round(W / 28)), dtype=torch.float64))
-        x1, x2 = sorted(round(rng.random(), 2) for _ in range(2))
-        y1, y2 = sorted(round(rng.random(), 2) for _ in range(2))
+        x1, x2 = sorted(rng.sample(range(101), 2))  # distinct: a box is never empty
+        y1, y2 = sorted(rng.sample(range(101), 2))
+        x1, x2, y1, y2 = x1 / 100, x2 / 100, y1 / 100, y2 / 100
         sizes.append((H, W))
         boxes.append(f"[{x1},{y1},{x2},{y2}]")
     ours = saliency_in_box(maps, boxes, sizes)

@@ -1,6 +1,7 @@
 """The GRPO loop on the tiny model: steps run and learn something, resume is exact, two processes agree."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -267,3 +268,34 @@ def test_tiny_lora_run_keeps_its_cold_started_base_once(tmp_path, monkeypatch):
                                              for k, v in adapter.items())
     resumed = train(TrainConfig(**{**cfg.to_dict(), "steps": 2, "resume": "auto"}))
     assert resumed.checkpoint.name == "checkpoint-2"
+
+
+@pytest.mark.slow
+def test_a_diverging_run_skips_non_finite_steps_and_stops_with_a_clear_message(tmp_path, cold_model):
+    """At a learning rate of 1e30 the first step destroys the weights; later steps' losses are NaN. Generation
+    must not crash on the NaN logits, those steps are skipped and logged, the run stops saying why, and no
+    checkpoint ever holds NaN or inf."""
+    cfg = TrainConfig(**SMALL, model=cold_model, steps=8, save_every=1, learning_rate=1e30, warmup_steps=0,
+                      output_dir=str(tmp_path), max_non_finite_steps=3)
+    with pytest.raises(RuntimeError, match=r"training diverged: 3 steps in a row .* Lower --learning-rate \(1e\+30\)"):
+        train(cfg)
+    records = [r for r in read_log(tmp_path / "train.jsonl") if r.get("split", "train") == "train"]
+    assert [r["skipped_steps"] for r in records][-3:] == [1.0, 1.0, 1.0]
+    assert all("loss" in r and "grad_norm" in r for r in records)
+    assert records[0]["skipped_steps"] == 0.0 and math.isfinite(records[0]["grad_norm"])
+    for path in tmp_path.glob("checkpoint-*"):
+        weights = load_file(path / "model" / "model.safetensors")
+        assert all(torch.isfinite(t).all() for t in weights.values()), path
+
+
+@pytest.mark.slow
+def test_a_collapse_of_the_format_reward_is_a_warning_in_the_log(tmp_path, cold_model, caplog):
+    cfg = TrainConfig(**{**SMALL, "num_generations": 4}, model=cold_model, steps=4, learning_rate=1e3,
+                      warmup_steps=0, output_dir=str(tmp_path))
+    with caplog.at_level("WARNING"):
+        train(cfg)
+    records = [r for r in read_log(tmp_path / "train.jsonl") if r.get("split", "train") == "train"]
+    assert records[0]["reward/format"] > 0
+    warned = [r for r in records if "warning" in r]
+    assert warned and all(r["reward/format"] == 0 for r in warned)
+    assert "format reward collapsed to 0" in warned[0]["warning"] and "format reward collapsed" in caplog.text

@@ -7,9 +7,10 @@ a string (``"[0.12,0.30,0.55,0.81]"``) or a list. Sources, all through ``dataset
 - an image folder: images plus ``metadata.jsonl`` (``file_name``, ``problem``, ``solution``, ``bbox``).
 
 ``image`` may be decoded images, ``{"bytes", "path"}`` dicts, or paths (relative to the data file's
-directory, or to ``image_root``). Every record is checked once when loading; a bad one
-(missing field, unreadable image, malformed box, box outside the image) is reported with its
-index and reason and skipped, so a run never crashes on it later. Images larger than
+directory, or to ``image_root``). Every record is checked once when loading; a bad one (a JSONL
+line that is not UTF-8 or not JSON, a missing field, an unreadable image, a malformed box, a box
+outside the image, an image the model's processor would reject) is reported with its index and
+reason and skipped, so a run never crashes on it later. Images larger than
 ``max_image_side`` on a side are dropped, as in the public setup.
 """
 
@@ -20,6 +21,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from PIL import Image
 
@@ -31,10 +33,8 @@ REQUIRED = ("image", "problem", "solution", "bbox")
 
 
 def parse_normalised_boxes(value) -> list[list[float]]:
-    """One box or a list of boxes, normalised, as a list of ``[x1, y1, x2, y2]``, validated as data.
-
-    Parsing is :func:`saliency_r1.boxes.parse_boxes`'s; a data record is stricter than the reward
-    (which clamps): ``ValueError`` also for no box, values outside ``[0, 1]``, or an empty box.
+    """A record's box or boxes, normalised, as a list of ``[x1, y1, x2, y2]``: each checked by
+    :func:`saliency_r1.boxes.parse_box`, and at least one (a record needs its evidence).
 
     >>> parse_normalised_boxes("[0.1, 0.2, 0.5, 0.6]")
     [[0.1, 0.2, 0.5, 0.6]]
@@ -44,11 +44,6 @@ def parse_normalised_boxes(value) -> list[list[float]]:
     boxes = parse_boxes(value)
     if not boxes:
         raise ValueError(f"bbox {value!r} holds no box")
-    for box in boxes:
-        if not all(0.0 <= v <= 1.0 for v in box):
-            raise ValueError(f"box {list(box)} lies outside the image (normalised values must be in [0, 1])")
-        if box[2] <= box[0] or box[3] <= box[1]:
-            raise ValueError(f"box {list(box)} is empty (need x1 < x2 and y1 < y2)")
     return [list(box) for box in boxes]
 
 
@@ -97,6 +92,46 @@ class SaliencyDataset:
                 else json.dumps(row["bbox"]), "boxes": parse_normalised_boxes(row["bbox"]), "index": index}
 
 
+@dataclass
+class _JsonlRows:
+    """The records of JSONL files, one per line, each parsed on its own: a line that is not UTF-8 or not a
+    JSON object is a bad record (reported with its index), not a failure of the whole load."""
+
+    records: list[dict | str]  # a record, or why its line is bad
+    column_names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.records[index]
+        if isinstance(record, str):
+            raise ValueError(record)
+        return record
+
+
+def _read_jsonl(files: list[Path]) -> _JsonlRows:
+    records, columns = [], {}
+    for file in files:
+        for number, line in enumerate(file.read_bytes().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as error:
+                records.append(f"{file.name} line {number} is not UTF-8 ({error.reason} at byte {error.start})")
+                continue
+            except ValueError as error:
+                records.append(f"{file.name} line {number} is not JSON ({error})")
+                continue
+            if not isinstance(record, dict):
+                records.append(f"{file.name} line {number} is not a JSON object")
+                continue
+            records.append(record)
+            columns.update(dict.fromkeys(record))
+    return _JsonlRows(records, list(columns))
+
+
 def _load_rows(path: Path, split: str):
     import datasets
 
@@ -107,13 +142,13 @@ def _load_rows(path: Path, split: str):
         elif parquet:
             rows = datasets.load_dataset("parquet", data_files=[str(p) for p in parquet], split=split)
         elif jsonl:
-            rows = datasets.load_dataset("json", data_files=[str(p) for p in jsonl], split=split)
+            return _read_jsonl(jsonl)
         else:
             raise FileNotFoundError(f"{path}: no metadata.jsonl (image folder), *.parquet or *.jsonl files")
     elif path.suffix == ".parquet":
         rows = datasets.load_dataset("parquet", data_files=str(path), split=split)
     elif path.suffix in (".jsonl", ".json"):
-        rows = datasets.load_dataset("json", data_files=str(path), split=split)
+        return _read_jsonl([path])
     else:
         raise ValueError(f"{path}: expected a .parquet or .jsonl file, or a directory")
     if "image" in rows.column_names and isinstance(rows.features["image"], datasets.Image):
@@ -122,7 +157,8 @@ def _load_rows(path: Path, split: str):
 
 
 def load_saliency_data(path: str | Path, *, split: str = "train", max_image_side: int | None = 512,
-                       image_root: str | Path | None = None, limit: int | None = None) -> SaliencyDataset:
+                       image_root: str | Path | None = None, limit: int | None = None,
+                       check_image: Callable[[Image.Image], None] | None = None) -> SaliencyDataset:
     """Loads and validates a Saliency-R1-format source (see the module docstring).
 
     Args:
@@ -131,6 +167,8 @@ def load_saliency_data(path: str | Path, *, split: str = "train", max_image_side
         max_image_side: records with an image wider or taller than this are dropped (``None``: keep all).
         image_root: directory that relative image paths start from (default: the data's directory).
         limit: validate and keep at most this many records (the first ones).
+        check_image: raises ``ValueError`` for an image the model's processor would reject (see
+            :func:`saliency_r1.models.image_check`); such records are skipped like any bad one.
 
     Bad and dropped records are logged (warning) with their index and collected in ``skipped``.
     """
@@ -147,8 +185,8 @@ def load_saliency_data(path: str | Path, *, split: str = "train", max_image_side
     for index in range(len(rows)):
         if limit is not None and len(keep) >= limit:
             break
-        row = rows[index]
         try:
+            row = rows[index]
             for column in REQUIRED:
                 if row[column] is None or (isinstance(row[column], str) and not row[column].strip()):
                     raise ValueError(f"{column} is empty")
@@ -159,6 +197,8 @@ def load_saliency_data(path: str | Path, *, split: str = "train", max_image_side
                 raise ValueError(f"unreadable image: {type(error).__name__}: {error}") from None
             if max_image_side is not None and max(image.size) > max_image_side:
                 raise ValueError(f"image {image.size[0]}x{image.size[1]} exceeds max_image_side={max_image_side}")
+            if check_image is not None:
+                check_image(image)
         except ValueError as error:
             skipped.append((index, str(error)))
             logger.warning("%s: record %d skipped: %s", path, index, error)

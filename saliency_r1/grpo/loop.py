@@ -38,7 +38,7 @@ from saliency_r1.grpo.checkpoint import (BASE_MODEL_DIR, latest_checkpoint, load
 from saliency_r1.grpo.config import TrainConfig, check_trackers_installed
 from saliency_r1.grpo.loss import group_advantages, policy_loss
 from saliency_r1.logps import completion_logps, pad_completions
-from saliency_r1.models import load_policy, lora_base_dtype, with_lora
+from saliency_r1.models import load_policy_model, load_policy_processor, lora_base_dtype, with_lora
 from saliency_r1.prompts import image_rows, prompt_inputs, select_rows, system_prompt_or_default
 
 logger = logging.getLogger(__name__)
@@ -113,9 +113,9 @@ def train(cfg: TrainConfig) -> RunResult:
     out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)  # the same on every process: identical initial weights
     base_dtype = lora_base_dtype(cfg, device.type)
-    model, processor = load_policy(cfg, base_dtype if cfg.model else torch.float32)
-    model.to(device)
-    train_data, held_out = load_data(cfg)
+    processor = load_policy_processor(cfg)
+    train_data, held_out = load_data(cfg, processor)  # before the model: bad records are found in seconds
+    model = load_policy_model(cfg, processor, base_dtype if cfg.model else torch.float32).to(device)
     system = system_prompt_or_default(cfg.system_prompt)
     extra = [load_reward_callable(spec) for spec in cfg.extra_rewards]
     weights = {"format": cfg.format_weight, "accuracy": cfg.accuracy_weight, "saliency": cfg.saliency_weight}
@@ -278,11 +278,6 @@ def train(cfg: TrainConfig) -> RunResult:
             optimizer.zero_grad(set_to_none=True)
         policy.eval()
         bad_streak = bad_streak + 1 if skipped == cfg.inner_iterations else 0
-        if bad_streak >= cfg.max_non_finite_steps:
-            raise RuntimeError(f"training diverged: {bad_streak} steps in a row (to step {step + 1}) had a NaN or "
-                               f"infinite loss or gradient, and were skipped; the weights are those of step "
-                               f"{step + 1 - bad_streak}. Lower --learning-rate ({cfg.learning_rate:g}) or "
-                               f"--max-grad-norm, or resume from an earlier checkpoint.")
         clock.lap("update")
 
         # ---- 5. log (host syncs only here), checkpoint, evaluate
@@ -320,9 +315,16 @@ def train(cfg: TrainConfig) -> RunResult:
                                     step=record["step"])
                 bar.set_postfix(reward=f"{record['reward/total']:.3f}", sal=f"{record['saliency_in_box']:.3f}")
         done = step + 1
+        if bad_streak >= cfg.max_non_finite_steps:
+            raise RuntimeError(f"training diverged: {bad_streak} steps in a row (to step {done}) had a NaN or "
+                               f"infinite loss or gradient, and were skipped; the weights are those of step "
+                               f"{done - bad_streak}. Lower --learning-rate ({cfg.learning_rate:g}) or "
+                               f"--max-grad-norm, or resume from an earlier checkpoint.")
         if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
             run_evaluation(done)
-        if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
+        if bad_streak and ((cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps):
+            logger.warning("step %d: no checkpoint written, the step's loss or gradient was not finite", done)
+        elif (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
             if done == cfg.steps:
                 run_evaluation(done)
             save_checkpoint(out / f"checkpoint-{done}", model=policy, optimizer=optimizer, scheduler=scheduler,
