@@ -220,6 +220,14 @@ def _scores(rollouts, seed, valid=1.0):
     return torch.ops.saliency.reward(maps, ms, isz, bx, bc, torch.full((len(rollouts),), valid))
 
 
+@settings(max_examples=25, deadline=None)
+@given(st.lists(rollout(), min_size=1, max_size=5), st.integers(0, 2 ** 16),
+       st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+def test_property_triton_kernel_matches_reference(rollouts, seed, dtype):
+    batch = make_batch(rollouts, seed=seed, dtype=dtype)
+    torch.testing.assert_close(reward_triton(*to(batch, TRITON_DEVICE)).cpu(), reward_reference(*batch), **TRITON_TOL)
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(rollout(), min_size=1, max_size=6), st.integers(0, 2 ** 16))
 def test_property_score_lies_in_unit_interval(rollouts, seed):
