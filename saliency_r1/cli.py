@@ -16,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+from saliency_r1.grpo.config import ConfigError
+
 TRACKER_NAMES = {"tensorboard": "TensorBoard", "wandb": "W&B run"}
 
 
@@ -45,6 +47,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     from saliency_r1.grpo.checkpoint import load_trained
     from saliency_r1.prompts import system_prompt_or_default
 
+    _check_checkpoint(args.checkpoint)
+    if args.data and not Path(args.data).exists():
+        raise ConfigError(f"--data {args.data}: no such file or directory")
+    _make_parent(args.out)
     model, processor, cfg = load_trained(args.checkpoint)
     if args.data:
         from saliency_r1.data.loader import load_saliency_data
@@ -54,7 +60,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     else:
         _, dataset = load_data(cfg, processor)
         if dataset is None:
-            raise SystemExit("this run had no held-out data: pass --data")
+            raise ConfigError("this run had no held-out data: pass --data")
     metrics = evaluate(model, processor, dataset, system_prompt=system_prompt_or_default(cfg.system_prompt),
                        limit=args.limit,
                        max_new_tokens=cfg.max_completion_length, path=cfg.saliency_path,
@@ -70,12 +76,13 @@ def _explain(args: argparse.Namespace) -> int:
 
     from saliency_r1.explain import explain
     from saliency_r1.grpo.checkpoint import load_trained
-    from saliency_r1.grpo.config import ConfigError
 
     try:  # the image before the model: a bad path costs nothing
         image = Image.open(args.image).convert("RGB")
     except (OSError, ValueError) as error:
         raise ConfigError(f"--image {args.image}: not an image that can be read ({error})") from None
+    _check_checkpoint(args.checkpoint)
+    _make_parent(args.out)
     model, processor, cfg = load_trained(args.checkpoint)
     result = explain(model, processor, image, args.question, boxes=args.box, system_prompt=cfg.system_prompt,
                      path=cfg.saliency_path, max_new_tokens=cfg.max_completion_length)
@@ -91,10 +98,34 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_checkpoint(path: str) -> None:
+    """A checkpoint written by train, complete; a run's folder gets the name of its latest checkpoint."""
+    from saliency_r1.grpo.checkpoint import checkpoint_problem, latest_checkpoint
+
+    problem = checkpoint_problem(path)
+    if problem is None:
+        return
+    latest = latest_checkpoint(path) if Path(path).is_dir() else None
+    hint = f"; this looks like a run's folder: its latest checkpoint is {latest}" if latest else ""
+    raise ConfigError(f"{path}: not a checkpoint written by train ({problem}){hint}")
+
+
+def _make_parent(out: str | None) -> None:
+    """The folder an --out file goes to, made before the work rather than failing after it."""
+    if out:
+        try:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ConfigError(f"--out {out}: cannot create its folder ({error.strerror})") from None
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
     return value
 
 
@@ -132,8 +163,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from saliency_r1.grpo.config import ConfigError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from saliency_r1.spans import is_well_formed
+from saliency_r1.spans import answer_text, is_well_formed
 
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 # A choice letter is letter-shaped: "B", "(B) ...", "B. ...", "B: ...", "B) ...". Not "A red circle"
@@ -39,7 +39,8 @@ def completion_text(completion) -> str:
 
 
 def extract_answer(text: str) -> str | None:
-    """The text inside the last ``<answer></answer>``, stripped; ``None`` without one.
+    """The text inside the last ``<answer></answer>``, stripped; ``None`` without one. For references
+    written that way (R1-V data); completions go through :func:`saliency_r1.spans.answer_text`.
 
     >>> extract_answer("<think> hm </think><answer> (B) a cat </answer>")
     '(B) a cat'
@@ -104,11 +105,15 @@ def format_reward(completions, **kwargs) -> list[float]:
 
 
 def accuracy_reward(completions, solution, **kwargs) -> list[float]:
-    """1.0 when the answer inside ``<answer></answer>`` matches ``solution`` (see :func:`answers_match`).
+    """1.0 when the answer of a well-formed completion matches ``solution`` (see :func:`answers_match`).
 
-    >>> accuracy_reward(["<think> x </think><answer> Red </answer>", "<answer>2</answer>", "blue"],
-    ...                 solution=["red", "3", "blue"])
-    [1.0, 0.0, 0.0]
+    The answer is what the one well-formedness predicate finds (:func:`saliency_r1.spans.answer_text`:
+    inside ``<answer></answer>``, or after ``</think>`` for the plain template); a completion that is
+    not well formed scores 0, as its format and saliency rewards do.
+
+    >>> accuracy_reward(["<think> x </think><answer> Red </answer>", "<answer>red</answer>", "<think>x</think> red"],
+    ...                 solution=["red", "red", "red"])
+    [1.0, 0.0, 1.0]
     >>> accuracy_reward(["<think> x </think><answer> (B) </answer>"], solution=["<answer> B </answer>"])
     [1.0]
     """
@@ -116,7 +121,7 @@ def accuracy_reward(completions, solution, **kwargs) -> list[float]:
         raise ValueError(f"solution has {len(solution)} entries for {len(completions)} completions")
     rewards = []
     for completion, reference in zip(completions, solution):
-        answer = extract_answer(completion_text(completion))
+        answer = answer_text(completion_text(completion))
         reference = extract_answer(str(reference)) or str(reference)  # "<answer> B </answer>" as in R1-V data
         rewards.append(float(answer is not None and answers_match(answer, reference)))
     return rewards

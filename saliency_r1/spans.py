@@ -172,6 +172,21 @@ def parse_completion(text: str, *, ended: bool) -> CompletionParts | None:
 _TRAILING_END_OF_TURN = re.compile("(?:\\s*(?:" + "|".join(re.escape(t) for t in END_OF_TURN_TOKENS) + "))+\\s*$")
 
 
+def answer_text(text: str) -> str | None:
+    """The answer of a decoded completion as :func:`parse_completion` finds it (end-of-turn tokens at the
+    end removed; text alone counts as ended, see :func:`is_well_formed`), stripped; ``None`` when the
+    completion is not well formed.
+
+    >>> answer_text("<think> red </think><answer> dark </answer>"), answer_text("<think></think> dark<|im_end|>")
+    ('dark', 'dark')
+    >>> answer_text("<answer> dark </answer>") is None
+    True
+    """
+    stripped = _TRAILING_END_OF_TURN.sub("", text)
+    parts = parse_completion(stripped, ended=True)
+    return None if parts is None else stripped[parts.answer[0]:parts.answer[1]].strip()
+
+
 def is_well_formed(text: str) -> bool:
     """:func:`parse_completion` on a decoded completion, end-of-turn tokens at its end removed.
 

@@ -134,7 +134,7 @@ def plot_explanation(explanation, *, boxes=None, max_think_maps: int = 8) -> Fig
         strip = outer[1].subgridspec(1, len(chosen), wspace=0.05)
         for j, t in enumerate(chosen):
             overlay(figure.add_subplot(strip[0, j]), images[0], think_maps[0][t], alpha=0.6, stretch="range",
-                    title=f"{explanation.think_tokens[t]!r} reads ({float(weights[t]):.2f})")
+                    title=f"where {explanation.think_tokens[t].strip()!r} looked (read {float(weights[t]):.2f})")
     else:
         ax = figure.add_subplot(outer[1])
         ax.set_axis_off()

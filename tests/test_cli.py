@@ -130,18 +130,18 @@ def _wandb_history(path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--learning-rate", "0"], "learning_rate must be a positive finite number"),
-    (["--learning-rate", "nan"], "learning_rate must be a positive finite number"),
-    (["--num-generations", "1"], "num_generations must be >= 2"),
+    (["--learning-rate", "0"], r"learning_rate \(--learning-rate\) must be a positive finite number"),
+    (["--learning-rate", "nan"], r"learning_rate \(--learning-rate\) must be a positive finite number"),
+    (["--num-generations", "1"], r"num_generations \(--num-generations\) must be >= 2"),
     (["--resume", "no/such/checkpoint-3"], "--resume no/such/checkpoint-3: no such checkpoint directory"),
     (["--model", "./no-such-model"], "--model ./no-such-model: no such folder"),
     (["--model", "/abs/no/such"], "--model /abs/no/such: no such folder"),
     (["--data", "missing.jsonl"], "--data missing.jsonl: no such file or directory"),
-    (["--top-p", "1.5"], r"top_p must lie in \(0, 1\]"),
-    (["--eps-low", "1"], "eps_low must be < 1"),
-    (["--temperature", "-1"], "temperature must be a positive finite number"),
+    (["--top-p", "1.5"], r"top_p \(--top-p\) must lie in \(0, 1\]"),
+    (["--eps-low", "1"], r"eps_low \(--eps-low\) must be < 1"),
+    (["--temperature", "-1"], r"temperature \(--temperature\) must be a positive finite number"),
     (["--max-pixels", "100", "--min-pixels", "200"], "max_pixels"),
-    (["--eval-limit", "0"], "eval_limit must be >= 1"),
+    (["--eval-limit", "0"], r"eval_limit \(--eval-limit\) must be >= 1"),
 ])
 def test_bad_configuration_stops_before_anything_loads(flags, message, tmp_path, monkeypatch, capsys):
     import saliency_r1.grpo.loop as loop
@@ -183,3 +183,33 @@ def test_explain_names_an_image_that_cannot_be_read(tmp_path, capsys):
         with pytest.raises(SystemExit) as stopped:
             main(["explain", str(tmp_path), "--image", str(image), "--question", "q"])
         assert stopped.value.code == 2 and f"--image {image}" in capsys.readouterr().err
+
+
+def test_commands_on_something_that_is_not_a_checkpoint_say_so(tmp_path, capsys):
+    """A run's folder instead of its checkpoint, a missing configuration, a folder that is no model: a
+    message naming it, no traceback."""
+    run = tmp_path / "run"
+    (run / "checkpoint-3").mkdir(parents=True)
+    for argv, message in (
+            (["evaluate", str(tmp_path / "nothing")], "not a checkpoint written by train (no state.json)"),
+            (["explain", str(run / "checkpoint-3"), "--image", str(_image(tmp_path)), "--question", "q"],
+             "not a checkpoint written by train"),
+            (["evaluate", str(run / "checkpoint-3"), "--data", str(tmp_path / "none.jsonl")], "not a checkpoint"),
+            (["train", "--config", str(tmp_path / "missing.yaml")], "cannot read the configuration"),
+            (["train", "--model", str(run)], "not a model folder (no config.json)")):
+        with pytest.raises(SystemExit) as stopped:
+            main(argv)
+        err = capsys.readouterr().err
+        assert stopped.value.code == 2 and message in err and "Traceback" not in err, err
+    (tmp_path / "bad.yaml").write_text("steps: [1,\n")
+    with pytest.raises(SystemExit):
+        main(["train", "--config", str(tmp_path / "bad.yaml")])
+    assert "not valid YAML" in capsys.readouterr().err
+
+
+def _image(folder):
+    from PIL import Image
+
+    path = folder / "image.png"
+    Image.new("RGB", (64, 64), "white").save(path)
+    return path

@@ -64,8 +64,14 @@ def test_answers_match(prediction, solution, expected):
     assert answers_match(prediction, solution) is expected
 
 
-def test_accuracy_needs_an_answer_tag_and_one_solution_each():
-    assert accuracy_reward(["red", "<think>x</think><answer>red</answer>"], solution=["red", "red"]) == [0.0, 1.0]
+def test_accuracy_reads_the_answer_the_format_predicate_finds():
+    """Format and accuracy agree on what the answer is: a plain answer counts, an answer without its
+    reasoning does not (it scored accuracy 1 with format 0 before)."""
+    completions = ["red", "<think>x</think><answer>red</answer>", "<think>red dark</think> red", "<answer>red</answer>",
+                   "<think>x</think><answer>red</answer> and more"]
+    assert accuracy_reward(completions, solution=["red"] * 5) == [0.0, 1.0, 1.0, 0.0, 0.0]
+    assert [a * f for a, f in zip(accuracy_reward(completions, solution=["red"] * 5), format_reward(completions))] == \
+        accuracy_reward(completions, solution=["red"] * 5)  # accurate implies well formed
     with pytest.raises(ValueError, match="solution"):
         accuracy_reward(["a", "b"], solution=["a"])
 

@@ -127,7 +127,7 @@ class TrainConfig:
                    "synthetic_questions": ("shade", "shape")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+                raise ConfigError(f"{_flag(name)} must be one of {allowed}, got {getattr(self, name)!r}")
         at_least = {"steps": 1, "prompts_per_step": 1, "max_completion_length": 1, "inner_iterations": 1,
                     "micro_batch_size": 1, "log_every": 1, "cold_start_size": 1, "cold_start_batch": 1,
                     "eval_limit": 1, "train_size": 1, "eval_size": 1, "max_non_finite_steps": 1, "lora_r": 1,
@@ -135,37 +135,38 @@ class TrainConfig:
                     "save_every": 0, "eval_every": 0, "warmup_steps": 0, "max_image_side": 1}
         for name, low in at_least.items():
             if getattr(self, name) < low:
-                raise ConfigError(f"{name} must be >= {low}, got {getattr(self, name)}")
+                raise ConfigError(f"{_flag(name)} must be >= {low}, got {getattr(self, name)}")
         if self.num_generations < 2:
-            raise ConfigError(f"num_generations must be >= 2, got {self.num_generations}: GRPO normalises each reward "
+            raise ConfigError(f"{_flag('num_generations')} must be >= 2, got {self.num_generations}: GRPO normalises each reward "
                               "within its prompt's group of completions, and a group of one has no advantage to learn from")
         if not 1 <= self.num_objects <= 4:
-            raise ConfigError(f"num_objects must be 1 to 4 (the synthetic set's colours and shapes), got {self.num_objects}")
+            raise ConfigError(f"{_flag('num_objects')} must be 1 to 4 (the synthetic set's colours and shapes), got {self.num_objects}")
         if self.max_pixels < self.min_pixels:
-            raise ConfigError(f"max_pixels ({self.max_pixels}) must be >= min_pixels ({self.min_pixels})")
+            raise ConfigError(f"{_flag('max_pixels')} ({self.max_pixels}) must be >= {_flag('min_pixels')} "
+                              f"({self.min_pixels})")
         if self.tiny_hidden % 4:
-            raise ConfigError(f"tiny_hidden must be a multiple of 4 (the tiny model's attention heads), got {self.tiny_hidden}")
+            raise ConfigError(f"{_flag('tiny_hidden')} must be a multiple of 4 (the tiny model's attention heads), got {self.tiny_hidden}")
         positive_finite = ("learning_rate", "cold_start_lr", "temperature", "top_p")
         for name in positive_finite:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
-                raise ConfigError(f"{name} must be a positive finite number, got {value}")
+                raise ConfigError(f"{_flag(name)} must be a positive finite number, got {value}")
         if self.top_p > 1:
-            raise ConfigError(f"top_p must lie in (0, 1], got {self.top_p}")
+            raise ConfigError(f"{_flag('top_p')} must lie in (0, 1], got {self.top_p}")
         non_negative = ("eps_low", "eps_high", "beta", "max_grad_norm", "weight_decay", "lora_dropout",
                         "format_weight", "accuracy_weight", "saliency_weight")
         for name in non_negative:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
-                raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
+                raise ConfigError(f"{_flag(name)} must be a finite number >= 0, got {value}")
         if self.eps_low >= 1:
-            raise ConfigError(f"eps_low must be < 1 (the ratio's lower clip is 1 - eps_low), got {self.eps_low}")
+            raise ConfigError(f"{_flag('eps_low')} must be < 1 (the ratio's lower clip is 1 - eps_low), got {self.eps_low}")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
-                raise ConfigError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
+                raise ConfigError(f"{_flag(name)} must lie in [0, 1), got {getattr(self, name)}")
         for tracker in self.report_to:
             if tracker not in TRACKER_PACKAGES:
-                raise ConfigError(f"report_to entries must be tensorboard or wandb, got {tracker!r}")
+                raise ConfigError(f"{_flag('report_to')} entries must be tensorboard or wandb, got {tracker!r}")
         if self.resume not in (None, "auto") and not Path(self.resume).is_dir():
             raise ConfigError(f"--resume {self.resume}: no such checkpoint directory (or 'auto' for the latest in "
                               "output_dir)")
@@ -173,8 +174,13 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not Path(value).exists():
                 raise ConfigError(f"--{name.replace('_', '-')} {value}: no such file or directory")
-        if self.model is not None and _looks_local(self.model) and not Path(self.model).expanduser().exists():
-            raise ConfigError(f"--model {self.model}: no such folder (a hub model is named 'organisation/name')")
+        if self.model is not None:
+            folder = Path(self.model).expanduser()
+            if _looks_local(self.model) and not folder.exists():
+                raise ConfigError(f"--model {self.model}: no such folder (a hub model is named 'organisation/name')")
+            if folder.is_dir() and not (folder / "config.json").is_file():
+                hint = f"; a checkpoint of train keeps its model in {folder / 'model'}" if (folder / "model").is_dir() else ""
+                raise ConfigError(f"--model {self.model}: not a model folder (no config.json){hint}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -194,11 +200,23 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfig":
-        values = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            values = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as error:
+            raise ConfigError(f"{path}: cannot read the configuration ({error.strerror})") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML ({error})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: a configuration is a mapping of keys to values, got {type(values).__name__}")
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ConfigError(f"{path}: unknown configuration keys {sorted(unknown)}")
         return cls(**values)
+
+
+def _flag(name: str) -> str:
+    """A field named as the YAML key and as the command-line flag."""
+    return f"{name} (--{name.replace('_', '-')})"
 
 
 def _looks_local(name: str) -> bool:
