@@ -7,6 +7,7 @@
     accelerate launch -m saliency_r1.cli train ...  # several GPUs (DDP; not FSDP or DeepSpeed)
     saliency-r1 evaluate runs/saliency-r1/checkpoint-40 [--data val.parquet] [--limit 200]
     saliency-r1 explain runs/saliency-r1/checkpoint-40 --image cat.png --question "What is on the mat?"
+    saliency-r1 explain Qwen/Qwen2.5-VL-3B-Instruct --image cat.png --question "..." --compare runs/.../checkpoint-40
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from saliency_r1.grpo.config import ConfigError
+from saliency_r1.errors import ConfigError
 
 TRACKER_NAMES = {"tensorboard": "TensorBoard", "wandb": "W&B run"}
 
@@ -72,30 +73,79 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
     from PIL import Image
 
-    from saliency_r1.explain import explain
-    from saliency_r1.grpo.checkpoint import load_trained
+    from saliency_r1.explain import completion_token_ids, explain
+    from saliency_r1.models import resolve_model
 
-    try:  # the image before the model: a bad path costs nothing
-        image = Image.open(args.image).convert("RGB")
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"--image {args.image}: not an image that can be read ({error})") from None
-    _check_checkpoint(args.checkpoint)
-    _make_parent(args.out)
-    model, processor, cfg = load_trained(args.checkpoint)
-    result = explain(model, processor, image, args.question, boxes=args.box, system_prompt=cfg.system_prompt,
-                     path=cfg.saliency_path, max_new_tokens=cfg.max_completion_length)
-    print(result.text)
-    print("valid:", result.valid, "| think:", "".join(result.think_tokens), "| answer:", "".join(result.answer_tokens))
-    if result.reward is not None:
-        print(f"saliency in box: {result.reward:.3f}")
-    if args.out:
-        from saliency_r1.viz import plot_explanation, save_png
+    started = time.perf_counter()
+    # Everything that can be checked without weights is checked first: the images, the models (their
+    # families), the completion's length against the context, the output folder.
+    images = []
+    for path in args.image:
+        try:
+            images.append(Image.open(path).convert("RGB"))
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"--image {path}: not an image that can be read ({error})") from None
+    sources = [resolve_model(reference) for reference in [args.model] + ([args.compare] if args.compare else [])]
+    for source in sources:
+        source.check_family()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}[
+        args.dtype or ("bfloat16" if device == "cuda" else "float32")]
+    processors = [source.processor() for source in sources]
+    if args.completion is not None:
+        for source, processor in zip(sources, processors):
+            context = source.max_positions()
+            tokens = len(completion_token_ids(getattr(processor, "tokenizer", processor), args.completion))
+            if context is not None and tokens >= context:
+                raise ConfigError(f"--completion: {tokens} tokens, more than {source.reference}'s context of "
+                                  f"{context} positions")
+    out = Path(args.out) if args.out else Path(f"{Path(args.image[0]).stem}-explained")
+    if out.suffix.lower() in (".png", ".jpg", ".html", ".json") and not out.is_dir():
+        raise ConfigError(f"--out {out}: the folder to write overlay.png, flow.html and explanation.json into, "
+                          "not a file name")
+    _make_parent(str(out / "flow.html"))
 
-        save_png(plot_explanation(result, boxes=args.box), args.out)
-        print("overlay:", args.out)
+    boxes = [box for text in args.box for box in _boxes(text)] if args.box else None
+    explanations = []
+    for source, processor in zip(sources, processors):
+        model = source.load(device, dtype)
+        try:
+            explanations.append(explain(
+                model, processor, images, args.question, boxes=boxes, completion=args.completion,
+                system_prompt=args.system_prompt if args.system_prompt is not None else source.system_prompt,
+                path=args.path or source.saliency_path, max_new_tokens=args.max_new_tokens or source.max_new_tokens,
+                model_name=source.reference))
+        except ValueError as error:  # a completion past the context: said in the model's own terms
+            raise ConfigError(str(error)) from None
+        del model
+    first = explanations[0]
+    paths = first.save(out, compare=explanations[1] if len(explanations) > 1 else None)
+    for explanation in explanations:
+        prefix = f"{explanation.model_name}: " if len(explanations) > 1 else ""
+        print(f"{prefix}{explanation.text}")
+        print(f"{prefix}valid: {explanation.valid} | think: {''.join(explanation.think_tokens)!r} | "
+              f"answer: {''.join(explanation.answer_tokens)!r}")
+        if explanation.reward is not None:
+            print(f"{prefix}saliency in box: {explanation.reward:.3f} | pointing game: "
+                  f"{'hit' if explanation.pointing_hit else 'miss'}")
+    print(f"overlay:      {paths['overlay']}")
+    print(f"page:         {paths['flow']}")
+    print(f"numbers:      {paths['explanation']}")
+    print(f"done in {time.perf_counter() - started:.1f} s")
     return 0
+
+
+def _boxes(text: str) -> list:
+    from saliency_r1.data.loader import parse_normalised_boxes
+
+    return parse_normalised_boxes(text)
 
 
 def _check_checkpoint(path: str) -> None:
@@ -152,13 +202,30 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", help="held-out data in the Saliency-R1 format (default: the run's)")
     evaluate.add_argument("--limit", type=_positive_int, default=None, help="evaluate the first N records")
     evaluate.add_argument("--out", help="also write the metrics to this JSON file")
-    explain = commands.add_parser("explain", help="answer one question and show where the answer looked")
-    explain.add_argument("checkpoint", help="a checkpoint directory written by train")
-    explain.add_argument("--image", required=True, help="image file")
+    explain = commands.add_parser(
+        "explain", help="answer a question about an image (or explain a given answer) and show where it looked",
+        description="Explain one answer of a model: writes overlay.png, flow.html (an interactive page, offline) "
+                    "and explanation.json (every number) into --out.")
+    explain.add_argument("model", help="a Hugging Face model (local folder or hub id) of a supported family, a peft "
+                                       "LoRA adapter folder, or a checkpoint written by train")
+    explain.add_argument("--image", required=True, action="append", help="an image file (repeat for several)")
     explain.add_argument("--question", required=True, help="the question")
-    explain.add_argument("--box", default=None, type=_box_argument,
-                         help="evidence box, normalised '[x1,y1,x2,y2]' (prints the reward)")
-    explain.add_argument("--out", default=None, help="write the saliency overlay PNG here")
+    explain.add_argument("--box", action="append", type=_box_argument,
+                         help="an evidence box on the first image, normalised '[x1,y1,x2,y2]' (repeat for several: "
+                              "their union); gives the saliency reward and the pointing game")
+    explain.add_argument("--completion", default=None,
+                         help="explain this completion (teacher-forced, one forward) instead of generating one")
+    explain.add_argument("--compare", default=None, metavar="MODEL_B",
+                         help="the same question through a second model, side by side on one page")
+    explain.add_argument("--path", choices=("cot", "direct", "both"), default=None,
+                         help="saliency path (default: a checkpoint's own, else cot)")
+    explain.add_argument("--out", default=None, help="output folder (default: <image name>-explained)")
+    explain.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when present")
+    explain.add_argument("--dtype", choices=("float32", "bfloat16", "float64"), default=None,
+                         help="default: bfloat16 on cuda, float32 on cpu")
+    explain.add_argument("--max-new-tokens", type=_positive_int, default=None,
+                         help="generation budget (default: a checkpoint's own, else 256)")
+    explain.add_argument("--system-prompt", default=None, help="default: a checkpoint's own, else the reasoning prompt")
     return parser
 
 

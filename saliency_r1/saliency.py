@@ -217,7 +217,8 @@ def _per_image(values: torch.Tensor, grids: list[tuple[int, int]]) -> list[torch
 def saliency_from_capture(model: nn.Module, processor, captured: CapturedRows, cache, sequences: torch.Tensor,
                           prompt_length: int, prompt_ids: torch.Tensor, image_grid_thw: torch.Tensor | None, *,
                           adapter: ModelAdapter | None = None, path: str = "cot", details: bool = False,
-                          completion_ids: Sequence[Sequence[int] | torch.Tensor] | None = None) -> RolloutSaliency:
+                          completion_ids: Sequence[Sequence[int] | torch.Tensor] | None = None,
+                          spans: Sequence[Spans] | None = None) -> RolloutSaliency:
     """Maps of every rollout from a capture and the cache of the same model run.
 
     Args:
@@ -235,6 +236,8 @@ def saliency_from_capture(model: nn.Module, processor, captured: CapturedRows, c
         path: ``"cot"`` (the default, through the think tokens), ``"direct"`` or ``"both"``.
         details: also compute the per-think-token maps and the answer-to-think weights.
         completion_ids: per rollout completion ids; default ``sequences[:, P:]`` trimmed at end-of-turn.
+        spans: per rollout, the think and answer tokens to use instead of those :func:`find_spans` finds
+            (a rollout whose spans are not ``valid`` gets a zero map).
 
     Returns:
         :class:`RolloutSaliency` (``timings`` holds ``"saliency"``).
@@ -254,7 +257,10 @@ def saliency_from_capture(model: nn.Module, processor, captured: CapturedRows, c
     if completion_ids is None:
         completion_ids = [trim_completion(row[P:], stops) for row in host_sequences]
     completions = [c.tolist() if isinstance(c, torch.Tensor) else list(c) for c in completion_ids]
-    spans = [find_spans(c, tokenizer, stop_ids=stops) for c in completions]
+    if spans is None:
+        spans = [find_spans(c, tokenizer, stop_ids=stops) for c in completions]
+    elif len(spans) != batch:
+        raise ValueError(f"spans has {len(spans)} entries for {batch} rollouts")
     texts = tokenizer.batch_decode(completions, skip_special_tokens=False, clean_up_tokenization_spaces=False)
     image_pos, grids = _split_images(adapter, host_prompts, host_grids, batch)
 
@@ -387,8 +393,8 @@ def generate_with_saliency(model: nn.Module, processor, inputs, *, adapter: Mode
 
 def saliency_for_completions(model: nn.Module, processor, inputs,
                              completion_ids: Sequence[Sequence[int] | torch.Tensor] | torch.Tensor, *,
-                             adapter: ModelAdapter | None = None, path: str = "cot",
-                             details: bool = False) -> RolloutSaliency:
+                             adapter: ModelAdapter | None = None, path: str = "cot", details: bool = False,
+                             spans: Sequence[Spans] | None = None) -> RolloutSaliency:
     """Maps of completions generated elsewhere (vLLM, a file): one teacher-forced forward with capture.
 
     Args:
@@ -398,6 +404,7 @@ def saliency_for_completions(model: nn.Module, processor, inputs,
         completion_ids: ``B`` completions: a list of 1-D id sequences, or a right-padded ``[B, C]`` tensor; each
             is cut after its first end-of-turn token.
         adapter, path, details: as in :func:`generate_with_saliency`.
+        spans: as in :func:`saliency_from_capture`.
 
     Returns:
         :class:`RolloutSaliency`; equal (within floating-point tolerance) to what
@@ -429,6 +436,6 @@ def saliency_for_completions(model: nn.Module, processor, inputs,
     ran = time.perf_counter() - started
     result = saliency_from_capture(model, processor, capture.result(), adapter.output_cache(output), sequences, P,
                                    prompt_ids, inputs.get("image_grid_thw"), adapter=adapter, path=path,
-                                   details=details, completion_ids=completions)
+                                   details=details, completion_ids=completions, spans=spans)
     result.timings["forward"] = ran
     return result

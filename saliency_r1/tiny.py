@@ -106,19 +106,6 @@ def _image_processor_class():
         return Qwen2VLImageProcessor
 
 
-def _image_only_processor_class():
-    from transformers import Qwen2_5_VLProcessor
-
-    class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
-        """Qwen2.5-VL's processor without its video processor, which needs torchvision (absent from
-        the CPU build of torch used here). Processor attributes come from ``__init__``'s signature."""
-
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
-    return ImageOnlyQwen2_5_VLProcessor
-
-
 def build_tiny_processor(min_pixels: int = 56 * 56, max_pixels: int = 224 * 224, vocab_size: int = 1024):
     """A ``Qwen2_5_VLProcessor`` whose tokenizer is built in code.
 
@@ -128,9 +115,11 @@ def build_tiny_processor(min_pixels: int = 56 * 56, max_pixels: int = 224 * 224,
     image_processor = _image_processor_class()(
         min_pixels=min_pixels, max_pixels=max_pixels, patch_size=14, merge_size=2, temporal_patch_size=2,
         size={"shortest_edge": min_pixels, "longest_edge": max_pixels})
+    from saliency_r1.models import image_only_processor_class
+
     tokenizer = build_tiny_tokenizer(vocab_size)
-    return _image_only_processor_class()(image_processor=image_processor, tokenizer=tokenizer,
-                                         chat_template=CHAT_TEMPLATE)
+    return image_only_processor_class("Qwen2_5_VLProcessor")(image_processor=image_processor, tokenizer=tokenizer,
+                                                             chat_template=CHAT_TEMPLATE)
 
 
 def tiny_config(processor, **overrides):

@@ -33,3 +33,30 @@ def cold_model(tmp_path_factory) -> str:
     export_cold_start(TrainConfig(cold_start_steps=40, cold_start_lr=3e-3, cold_start_batch=8),
                       directory)
     return str(directory)
+
+
+def save_in_the_hugging_face_layout(model, processor, folder):
+    """A model folder as a Qwen2.5-VL checkpoint on the hub has it: weights and configuration, the
+    tokenizer, the image processor under its standard class name, the processor class and the chat
+    template. On a machine without torchvision, AutoProcessor cannot build it (its video processor)."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    processor.tokenizer.save_pretrained(folder)
+    image_config = processor.image_processor.to_dict()
+    image_config.update(image_processor_type="Qwen2VLImageProcessor", processor_class="Qwen2_5_VLProcessor")
+    (folder / "preprocessor_config.json").write_text(json.dumps(image_config, indent=2))
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": processor.chat_template}))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def hub_folder(cold_model, tmp_path_factory):
+    """The cold-started tiny model saved in the Hugging Face layout (its completions are well formed)."""
+    from saliency_r1.grpo.config import TrainConfig
+    from saliency_r1.models import load_policy
+
+    model, processor = load_policy(TrainConfig(model=cold_model))
+    return str(save_in_the_hugging_face_layout(model, processor, tmp_path_factory.getbasetemp() / "hub-layout"))

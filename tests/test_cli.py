@@ -58,9 +58,13 @@ def test_train_evaluate_explain(tmp_path, cold_model, capsys):
     example = SyntheticGroundedVQA(1, seed=99)[0]
     example["image"].save(tmp_path / "image.png")
     assert main(["explain", str(checkpoint), "--image", str(tmp_path / "image.png"), "--question",
-                 example["problem"], "--box", example["bbox"], "--out", str(tmp_path / "explain.png")]) == 0
+                 example["problem"], "--box", example["bbox"], "--out", str(tmp_path / "explained")]) == 0
     printed = capsys.readouterr().out
-    assert "valid:" in printed and (tmp_path / "explain.png").stat().st_size > 5_000
+    assert "valid:" in printed and (tmp_path / "explained" / "overlay.png").stat().st_size > 5_000
+    with pytest.raises(SystemExit):  # --out names the folder of the three files
+        main(["explain", str(checkpoint), "--image", str(tmp_path / "image.png"), "--question", "q",
+              "--out", str(tmp_path / "explain.png")])
+    assert "not a file name" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("tracker", ["tensorboard", "wandb"])
@@ -193,7 +197,8 @@ def test_commands_on_something_that_is_not_a_checkpoint_say_so(tmp_path, capsys)
     for argv, message in (
             (["evaluate", str(tmp_path / "nothing")], "not a checkpoint written by train (no state.json)"),
             (["explain", str(run / "checkpoint-3"), "--image", str(_image(tmp_path)), "--question", "q"],
-             "not a checkpoint written by train"),
+             "not a complete checkpoint written by train (no state.json)"),
+            (["explain", str(run), "--image", str(_image(tmp_path)), "--question", "q"], "a checkpoint written by train"),
             (["evaluate", str(run / "checkpoint-3"), "--data", str(tmp_path / "none.jsonl")], "not a checkpoint"),
             (["train", "--config", str(tmp_path / "missing.yaml")], "cannot read the configuration"),
             (["train", "--model", str(run)], "not a model folder (no config.json)")):

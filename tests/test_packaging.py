@@ -98,7 +98,10 @@ WHEEL_PROBE = textwrap.dedent("""
     completion = torch.tensor(tokens["input_ids"] + [processor.tokenizer.eos_token_id])
     rollout = saliency_for_completions(model, processor, inputs, [completion])
     saliency_map = rollout.maps[0][0]
-    print(json.dumps({
+    from saliency_r1.explain import explain
+    page = explain(model, processor, example["image"], example["problem"],
+                   completion="<think>red dark</think><answer>dark</answer>").to_html()  # the packaged page
+    print(json.dumps({"page_bytes": len(page), "page_filled": "/*__DATA__*/" not in page,
         "package": saliency_r1.__file__, "kernels": saliency_r1.kernels.__file__, "modules": modules,
         "from_source": [p for p in sys.path if p and Path(p).resolve().is_relative_to(source)],
         "valid": float(rollout.valid[0]), "shape": list(saliency_map.shape),
@@ -124,6 +127,7 @@ def test_wheel_installs_and_runs_in_a_fresh_environment(tmp_path):
     for package in ("adapters", "data", "grpo", "kernels", "kernels/reference"):
         assert f"saliency_r1/{package}/__init__.py" in names, package
     assert any(n.startswith("saliency_r1/_C") and n.endswith(".so") for n in names)
+    assert "saliency_r1/assets/flow.html" in names  # package data
 
     venv = tmp_path / "venv"
     try:
@@ -148,6 +152,7 @@ def test_wheel_installs_and_runs_in_a_fresh_environment(tmp_path):
                           for p in (REPO / "saliency_r1").rglob("*.py") if p.name != "__init__.py")
         assert set(expected) <= set(found["modules"])
         assert found["valid"] == 1.0 and found["shape"] == [4, 4] and found["finite"] and found["nonzero"]
+        assert found["page_filled"] and found["page_bytes"] > 10_000
         help_text = subprocess.run([str(bin_dir / "saliency-r1"), "--help"], cwd=tmp_path, capture_output=True,
                                    text=True, env=environment)
         assert help_text.returncode == 0 and "train" in help_text.stdout and "explain" in help_text.stdout

@@ -9,10 +9,11 @@ Adding a family: a file here with a subclass of :class:`QwenVLAdapter` (same lay
 Every family file only reads attributes of a model it is given, so it imports on any transformers version.
 """
 
-from saliency_r1.adapters.base import ModelAdapter, QwenVLAdapter, get_adapter, register_adapter
+from saliency_r1.adapters.base import (ModelAdapter, QwenVLAdapter, adapter_class, get_adapter, register_adapter,
+                                       supported_model_types)
 from saliency_r1.adapters.qwen2_5_vl import Qwen2_5_VLAdapter
 from saliency_r1.adapters.qwen2_vl import Qwen2VLAdapter
 from saliency_r1.adapters.qwen3_vl import Qwen3VLAdapter
 
 __all__ = ["ModelAdapter", "QwenVLAdapter", "Qwen2VLAdapter", "Qwen2_5_VLAdapter", "Qwen3VLAdapter",
-           "get_adapter", "register_adapter"]
+           "adapter_class", "get_adapter", "register_adapter", "supported_model_types"]

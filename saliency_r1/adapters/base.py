@@ -31,6 +31,8 @@ class ModelAdapter(ABC):
     """
 
     model_types: ClassVar[tuple[str, ...]] = ()
+    # The transformers processor class of the family (its images, its chat template).
+    processor_class: ClassVar[str] = ""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -261,12 +263,21 @@ def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
     return cls
 
 
+def supported_model_types() -> list[str]:
+    """The ``config.model_type`` values an adapter serves."""
+    return sorted(_ADAPTERS)
+
+
+def adapter_class(model_type: str) -> type[ModelAdapter]:
+    """The adapter class serving ``model_type``; ``ValueError`` naming the supported ones otherwise."""
+    if model_type not in _ADAPTERS:
+        raise ValueError(f"no saliency adapter for model_type {model_type!r}; supported: {supported_model_types()}. "
+                         "Add one file to saliency_r1/adapters (see saliency_r1/adapters/base.py).")
+    return _ADAPTERS[model_type]
+
+
 def get_adapter(model: nn.Module) -> ModelAdapter:
     """The adapter for ``model`` (or for the model inside a peft wrapper), chosen by ``model.config.model_type``."""
     if hasattr(model, "get_base_model"):  # peft: LoRA layers sit inside the same modules
         model = model.get_base_model()
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in _ADAPTERS:
-        raise ValueError(f"no saliency adapter for model_type {model_type!r}; known: {sorted(_ADAPTERS)}. "
-                         "Add one file to saliency_r1/adapters (see saliency_r1/adapters/base.py).")
-    return _ADAPTERS[model_type](model)
+    return adapter_class(getattr(getattr(model, "config", None), "model_type", None))(model)

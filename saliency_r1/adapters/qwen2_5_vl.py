@@ -9,3 +9,4 @@ class Qwen2_5_VLAdapter(QwenVLAdapter):
     """``Qwen2_5_VLForConditionalGeneration``."""
 
     model_types = ("qwen2_5_vl",)
+    processor_class = "Qwen2_5_VLProcessor"

@@ -8,3 +8,4 @@ class Qwen2VLAdapter(QwenVLAdapter):
     """``Qwen2VLForConditionalGeneration``."""
 
     model_types = ("qwen2_vl",)
+    processor_class = "Qwen2VLProcessor"

@@ -10,3 +10,4 @@ class Qwen3VLAdapter(QwenVLAdapter):
     """``Qwen3VLForConditionalGeneration``."""
 
     model_types = ("qwen3_vl",)
+    processor_class = "Qwen3VLProcessor"

@@ -20,13 +20,10 @@ from pathlib import Path
 
 import yaml
 
+from saliency_r1.errors import ConfigError
+
 # The package each tracker of --report-to needs, and the extra of ours that installs it.
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work, found before anything expensive runs; the command line
-    prints it as a usage error (exit code 2) instead of a traceback."""
 
 
 def _f(default, help: str, **kwargs):
@@ -176,7 +173,7 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} {value}: no such file or directory")
         if self.model is not None:
             folder = Path(self.model).expanduser()
-            if _looks_local(self.model) and not folder.exists():
+            if looks_like_a_path(self.model) and not folder.exists():
                 raise ConfigError(f"--model {self.model}: no such folder (a hub model is named 'organisation/name')")
             if folder.is_dir() and not (folder / "config.json").is_file():
                 hint = f"; a checkpoint of train keeps its model in {folder / 'model'}" if (folder / "model").is_dir() else ""
@@ -219,7 +216,7 @@ def _flag(name: str) -> str:
     return f"{name} (--{name.replace('_', '-')})"
 
 
-def _looks_local(name: str) -> bool:
+def looks_like_a_path(name: str) -> bool:
     """Whether a --model value is meant as a folder: a hub id is ``organisation/name``, nothing more."""
     return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
 
