@@ -47,8 +47,9 @@ def _figure(width: float, height: float) -> Figure:
 
 
 def overlay(ax, image, saliency: torch.Tensor, *, boxes=None, alpha: float = 0.5, title: str | None = None,
-            stretch: str = "peak") -> None:
-    """Draw ``image`` with its saliency map on top (and the evidence boxes, normalised ``[x1, y1, x2, y2]``).
+            stretch: str = "peak", colorbar: bool = False) -> None:
+    """Draw ``image`` with its saliency map on top (and the evidence boxes, normalised ``[x1, y1, x2, y2]``),
+    with a colour bar of the map's values when ``colorbar``.
 
     ``stretch``: ``"peak"`` maps ``0..max`` to the colour scale (saliency: zero means no evidence);
     ``"range"`` maps ``min..max`` (attention maps, which are positive everywhere and often nearly flat).
@@ -62,7 +63,10 @@ def overlay(ax, image, saliency: torch.Tensor, *, boxes=None, alpha: float = 0.5
     peak = float(heat.max())
     ax.imshow(pixels)
     if peak > low:
-        ax.imshow((heat - low) / (peak - low), cmap=HEAT_CMAP, alpha=alpha, vmin=0.0, vmax=1.0)
+        shown = ax.imshow(heat, cmap=HEAT_CMAP, alpha=alpha, vmin=low, vmax=peak)
+        if colorbar:
+            bar = ax.figure.colorbar(shown, ax=ax, fraction=0.046, pad=0.02, format="%.2g")
+            bar.ax.tick_params(labelsize=7)
     for x1, y1, x2, y2 in _normalised_boxes(boxes):
         ax.add_patch(Rectangle((x1 * width, y1 * height), (x2 - x1) * width, (y2 - y1) * height,
                                fill=False, edgecolor="white", linewidth=2, linestyle="--"))
@@ -116,9 +120,9 @@ def plot_explanation(explanation, *, boxes=None, max_think_maps: int = 8) -> Fig
     weights = (rollout.answer_to_think[0].sum(0) if rollout.answer_to_think is not None
                else torch.zeros(len(explanation.think_tokens)))
     chosen = sorted(torch.argsort(weights, descending=True)[:max_think_maps].tolist()) if weights.numel() else []
-    figure = _figure(2.3 * max(len(chosen), len(images) + 1, 4), 8.5)
+    figure = _figure(2.3 * max(len(chosen), len(images) + 1, 4), 7.0)
     # Fixed margins (no layout engine): the text wrapping measures the axes as they will be drawn.
-    outer = figure.add_gridspec(3, 1, height_ratios=[3.2, 2.0, 2.0], left=0.02, right=0.98, top=0.95,
+    outer = figure.add_gridspec(3, 1, height_ratios=[3.2, 2.0, 0.8], left=0.02, right=0.93, top=0.95,
                                 bottom=0.02, hspace=0.3)
     top = outer[0].subgridspec(1, len(images) + 1, wspace=0.05)
     ax = figure.add_subplot(top[0, 0])
@@ -129,7 +133,8 @@ def plot_explanation(explanation, *, boxes=None, max_think_maps: int = 8) -> Fig
         title = f"answer saliency, image {j + 1}" if len(images) > 1 else "answer saliency"
         if j == 0 and explanation.reward is not None:
             title += f" (reward {explanation.reward:.2f})"
-        overlay(figure.add_subplot(top[0, j + 1]), image, saliency, boxes=boxes if j == 0 else None, title=title)
+        overlay(figure.add_subplot(top[0, j + 1]), image, saliency, boxes=boxes if j == 0 else None, title=title,
+                colorbar=True)
     if chosen:
         strip = outer[1].subgridspec(1, len(chosen), wspace=0.05)
         for j, t in enumerate(chosen):
