@@ -103,6 +103,19 @@ def load_processor(path: str, min_pixels: int | None = None, max_pixels: int | N
     return tiny
 
 
+def _image_processor_by_name(path: str):
+    """The image processor class a folder's ``preprocessor_config.json`` names, its PIL backend where
+    transformers has one (it needs no torchvision)."""
+    import json
+
+    import transformers
+    from transformers.utils import cached_file
+
+    config = json.loads(Path(cached_file(path, "preprocessor_config.json")).read_text())
+    name = config["image_processor_type"].removesuffix("Fast")
+    return getattr(transformers, name + "Pil", None) or getattr(transformers, name)
+
+
 @functools.lru_cache(maxsize=None)
 def image_only_processor_class(processor_class: str):
     """The family's processor class (``"Qwen2_5_VLProcessor"``, ...) without its video processor, which
@@ -126,7 +139,10 @@ def _image_only_processor(path: str, bounds: dict):
 
     family = adapter_class(AutoConfig.from_pretrained(path).model_type)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    image_processor = AutoImageProcessor.from_pretrained(path, **bounds)
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(path, **bounds)
+    except ImportError:  # transformers 5.17 gates AutoImageProcessor itself on torchvision: the class by name
+        image_processor = _image_processor_by_name(path).from_pretrained(path, **bounds)
     return image_only_processor_class(family.processor_class)(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template)
 
