@@ -169,7 +169,7 @@ def layer_saliency_triton(q_think: torch.Tensor, lse_think: torch.Tensor, q_answ
     """
     check_layer_saliency_metadata(q_think, lse_think, q_answer, lse_answer, k_think, k_image, v_image, u_answer,
                                   lengths, path)
-    if q_answer.dtype == torch.float64:
+    if q_answer.dtype == torch.float64:  # the shared check lets it pass on CPU tensors, as the interpreter gets
         raise TypeError(f"q_answer must be float32, bfloat16 or float16 for the Triton kernel, got {q_answer.dtype} "
                         "(float64 runs on the CPU kernel)")
     batch, heads, answers, head_size = q_answer.shape

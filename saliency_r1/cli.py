@@ -112,18 +112,15 @@ def _explain(args: argparse.Namespace) -> int:
                           "not a file name")
     _make_parent(str(out / "flow.html"))
 
-    boxes = [box for text in args.box for box in _boxes(text)] if args.box else None
+    boxes = [box for given in args.box for box in given] if args.box else None  # the union of every --box
     explanations = []
     for source, processor in zip(sources, processors):
         model = source.load(device, dtype)
-        try:
-            explanations.append(explain(
-                model, processor, images, args.question, boxes=boxes, completion=args.completion,
-                system_prompt=args.system_prompt if args.system_prompt is not None else source.system_prompt,
-                path=args.path or source.saliency_path, max_new_tokens=args.max_new_tokens or source.max_new_tokens,
-                model_name=source.reference))
-        except ValueError as error:  # a completion past the context: said in the model's own terms
-            raise ConfigError(str(error)) from None
+        explanations.append(explain(
+            model, processor, images, args.question, boxes=boxes, completion=args.completion,
+            system_prompt=args.system_prompt if args.system_prompt is not None else source.system_prompt,
+            path=args.path or source.saliency_path, max_new_tokens=args.max_new_tokens or source.max_new_tokens,
+            model_name=source.reference))
         del model
     first = explanations[0]
     paths = first.save(out, compare=explanations[1] if len(explanations) > 1 else None)
@@ -140,12 +137,6 @@ def _explain(args: argparse.Namespace) -> int:
     print(f"numbers:      {paths['explanation']}")
     print(f"done in {time.perf_counter() - started:.1f} s")
     return 0
-
-
-def _boxes(text: str) -> list:
-    from saliency_r1.data.loader import parse_normalised_boxes
-
-    return parse_normalised_boxes(text)
 
 
 def _check_checkpoint(path: str) -> None:
@@ -179,15 +170,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _box_argument(text: str) -> str:
-    """A box as the data holds them, checked as the data loader checks them (one validation of boxes)."""
+def _box_argument(text: str) -> list[list[float]]:
+    """A box (or a list of boxes) as the data holds them, checked as the data loader checks them."""
     from saliency_r1.data.loader import parse_normalised_boxes
 
     try:
-        parse_normalised_boxes(text)
+        return parse_normalised_boxes(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
-    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -234,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return {"train": _train, "evaluate": _evaluate, "explain": _explain}[args.command](args)
-    except ConfigError as error:  # a value that cannot work: a usage error, not a traceback
+    except (ConfigError, FileNotFoundError) as error:  # input that cannot work: a usage error, not a traceback
         parser.exit(2, f"saliency-r1 {args.command}: error: {error}\n")
 
 

@@ -61,8 +61,8 @@ def evaluate(model, processor, dataset, *, system_prompt: str, limit: int | None
                                              max_new_tokens=max_new_tokens,
                                              suppress_tokens=adapter.vision_token_ids)
         totals["accuracy"] += sum(accuracy_reward(rollout.texts, solution=[e["solution"] for e in examples]))
-        for maps, valid, example in zip(rollout.maps, rollout.valid.tolist(), examples):
-            totals["format"] += valid
+        for maps, valid, spans, example in zip(rollout.maps, rollout.valid.tolist(), rollout.spans, examples):
+            totals["format"] += spans.valid
             # Measured as the reward is paid (docs/method.md sections 4 and 7): an invalid completion misses.
             if not (valid and maps):
                 continue

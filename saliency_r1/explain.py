@@ -171,7 +171,8 @@ def explain(model: nn.Module, processor, image, question: str, *, boxes=None, co
         :class:`Explanation`, with the per-token maps and answer-to-think weights in ``.rollout``.
 
     Raises:
-        ValueError: a bad box, or a prompt and completion longer than the model's context.
+        ValueError: a bad box; ``ConfigError`` (a ``ValueError``) for a prompt and completion longer than the
+            model's context.
     """
     from saliency_r1.data.loader import parse_normalised_boxes
     from saliency_r1.metrics import pixel_boxes, pointing_game_hit
@@ -196,7 +197,9 @@ def explain(model: nn.Module, processor, image, question: str, *, boxes=None, co
         ids = completion_token_ids(tokenizer, completion)
         context = getattr(adapter.text_model.config, "max_position_embeddings", None)
         if context is not None and inputs["input_ids"].shape[1] + len(ids) > context:
-            raise ValueError(f"completion: the prompt ({inputs['input_ids'].shape[1]} tokens) and the completion "
+            from saliency_r1.errors import ConfigError
+
+            raise ConfigError(f"--completion: the prompt ({inputs['input_ids'].shape[1]} tokens) and the completion "
                              f"({len(ids)} tokens) exceed the model's context of {context} positions")
         rollout = saliency_for_completions(model, processor, inputs, [ids], adapter=adapter, path=path, details=True)
     spans = rollout.spans[0]

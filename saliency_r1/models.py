@@ -193,8 +193,15 @@ class ModelSource:
     def max_new_tokens(self) -> int:
         return self.run_config.max_completion_length if self.run_config is not None else 256
 
+    @functools.cached_property
+    def _config(self):
+        return self._read_config()
+
     def config(self):
-        """The transformers configuration of the model (of the base, for an adapter)."""
+        """The transformers configuration of the model (of the base, for an adapter), read once."""
+        return self._config
+
+    def _read_config(self):
         from transformers import AutoConfig
 
         if self.kind == "adapter":

@@ -61,9 +61,6 @@ def _layer_saliency_fake(q_think, lse_think, q_answer, lse_answer, k_think, k_im
                          lengths, scale, path="cot"):
     check_layer_saliency_metadata(q_think, lse_think, q_answer, lse_answer, k_think, k_image, v_image, u_answer,
                                   lengths, path)
-    if q_answer.device.type == "cuda" and q_answer.dtype == torch.float64:
-        raise TypeError(f"q_answer must be float32, bfloat16 or float16 for the Triton kernel, got {q_answer.dtype} "
-                        "(float64 runs on the CPU kernel)")
     out_dtype = torch.float64 if q_answer.dtype == torch.float64 else torch.float32
     return q_answer.new_empty((q_answer.shape[0], q_answer.shape[2], k_image.shape[2]), dtype=out_dtype)
 

@@ -25,11 +25,12 @@ from torch import nn
 
 from saliency_r1.adapters import ModelAdapter, get_adapter
 from saliency_r1.capture import CapturedRows, capture_saliency
+from saliency_r1.kernels.checks import PATHS
+from saliency_r1.logps import pad_completions
 from saliency_r1.ops import layer_saliency
 from saliency_r1.projection import answer_logit_directions, project_answer_vectors
 from saliency_r1.spans import Spans, end_of_turn_ids, find_spans, trim_completion
 
-PATHS = ("cot", "direct", "both")
 
 __all__ = ["PATHS", "RolloutSaliency", "generate_with_saliency", "saliency_for_completions", "saliency_from_capture"]
 
@@ -82,10 +83,6 @@ class RolloutSaliency:
     path: str = "cot"
     timings: dict[str, float] = field(default_factory=dict)
     captured_bytes: int = 0
-
-    def display_maps(self) -> list[list[torch.Tensor]]:
-        """``relu`` of :attr:`maps` (what a person looks at; the reward op applies ``relu`` itself)."""
-        return [[m.clamp(min=0) for m in per_image] for per_image in self.maps]
 
     def reward(self, boxes: Sequence, image_sizes: Sequence) -> torch.Tensor:
         """The saliency reward of every rollout (``docs/method.md`` section 4) on its first image's map, times
@@ -312,7 +309,9 @@ def saliency_from_capture(model: nn.Module, processor, captured: CapturedRows, c
             k_image, v_image = take_image(keys).to(q.dtype), take_image(values).to(q.dtype)
             o_proj = adapter.o_proj_weight(layer)
             u = project_answer_vectors(g, o_proj, adapter.num_heads).to(q.dtype)
-            for read in (q_answer, lse_answer, q_think, lse_think, k_think, k_image, v_image, u):
+            # NaN or inf in a query, key, value or projection reaches the op's output, checked below; an
+            # infinite log-sum-exp would not (it turns probabilities into 0), so it is checked here.
+            for read in (lse_answer, lse_think):
                 non_finite |= ~torch.isfinite(read).flatten(1).all(1)
             s_layer = layer_saliency(q_think, lse_think, q_answer, lse_answer, k_think, k_image, v_image, u,
                                      lengths, scale, path)
@@ -327,8 +326,12 @@ def saliency_from_capture(model: nn.Module, processor, captured: CapturedRows, c
                 think_image = layer_image if think_image is None else think_image + layer_image
                 answer_think = layer_think if answer_think is None else answer_think + layer_think
 
-        # ... and so is one whose sum overflowed: its maps are zero, its validity 0.
-        non_finite |= ~torch.isfinite(total).flatten(1).all(1)
+        # ... and so is one whose sum is not finite, or whose final-norm scale is not (an infinite RMS makes
+        # g, and so the map, 0): its maps are zero, its validity 0.
+        non_finite |= ~torch.isfinite(total).flatten(1).all(1) | ~torch.isfinite(rms_answer).all(1)
+        if details:
+            non_finite |= ~(torch.isfinite(think_logit).flatten(1).all(1) & torch.isfinite(think_image).flatten(1).all(1)
+                            & torch.isfinite(answer_think).flatten(1).all(1))
         keep = ~non_finite[:, None, None]
         total = total.where(keep, 0.0)
         if details:
@@ -420,14 +423,10 @@ def saliency_for_completions(model: nn.Module, processor, inputs,
     stops = end_of_turn_ids(tokenizer)
     completions = [trim_completion(c, stops) for c in completion_ids]
     # An empty completion (a backend may return one) is an invalid rollout, not an error.
-    width = max([len(c) for c in completions] + [1])
-    device = prompt_ids.device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    body = torch.full((batch, width), pad, dtype=torch.long, device=device)
-    body_mask = torch.zeros(batch, width, dtype=inputs["attention_mask"].dtype, device=device)
-    for b, c in enumerate(completions):
-        body[b, :len(c)] = torch.as_tensor(c, dtype=torch.long, device=device)
-        body_mask[b, :len(c)] = 1
+    body, body_mask = pad_completions([torch.as_tensor(c, dtype=torch.long) for c in completions], pad,
+                                      prompt_ids.device)
+    width = body.shape[1]
     forward = adapter.teacher_forced_inputs(dict(inputs), body, body_mask)
     sequences = forward["input_ids"]
     started = time.perf_counter()

@@ -140,7 +140,9 @@ def _wandb_history(path):
     (["--resume", "no/such/checkpoint-3"], "--resume no/such/checkpoint-3: no such checkpoint directory"),
     (["--model", "./no-such-model"], "--model ./no-such-model: no such folder"),
     (["--model", "/abs/no/such"], "--model /abs/no/such: no such folder"),
-    (["--data", "missing.jsonl"], "--data missing.jsonl: no such file or directory"),
+    (["--data", "missing.jsonl", "--cold-start-steps", "0"], "--data missing.jsonl: no such file or directory"),
+    (["--data", "train.jsonl"], r"cold_start_steps \(--cold-start-steps\): the tiny model's cold start"),
+    (["--extra-rewards", "no_such_module:f"], "--extra-rewards 'no_such_module:f'"),
     (["--top-p", "1.5"], r"top_p \(--top-p\) must lie in \(0, 1\]"),
     (["--eps-low", "1"], r"eps_low \(--eps-low\) must be < 1"),
     (["--temperature", "-1"], r"temperature \(--temperature\) must be a positive finite number"),
@@ -218,3 +220,13 @@ def _image(folder):
     path = folder / "image.png"
     Image.new("RGB", (64, 64), "white").save(path)
     return path
+
+
+def test_a_checkpoints_configuration_loads_where_its_paths_do_not_exist(tmp_path):
+    """evaluate and explain read a run's config.yaml back on another machine or after its data moved."""
+    (tmp_path / "config.yaml").write_text("data: /gone/train.jsonl\nmodel: /gone/model\ncold_start_steps: 0\n"
+                                          "resume: /gone/checkpoint-3\n")
+    cfg = TrainConfig.load(tmp_path / "config.yaml")
+    assert cfg.data == "/gone/train.jsonl"
+    with pytest.raises(ValueError, match="--resume /gone/checkpoint-3: no such checkpoint"):
+        cfg.check_paths()

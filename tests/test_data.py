@@ -169,3 +169,12 @@ def test_an_image_the_processor_would_reject_is_skipped_at_load(tmp_path):
     assert len(load_saliency_data(tmp_path / "train.jsonl")) == 2  # without the check: what crashed the run
     with pytest.raises(ValueError, match="aspect ratio"):  # the processor itself refuses it
         processor.image_processor(images=[Image.open(tmp_path / "thin.png").convert("RGB")])
+
+
+def test_a_jsonl_record_without_a_field_is_a_bad_record(tmp_path):
+    Image.new("RGB", (40, 40)).save(tmp_path / "ok.png")
+    rows = [{"image": "ok.png", "problem": "q", "solution": "a", "bbox": "[0.1,0.1,0.5,0.5]"},
+            {"image": "ok.png", "problem": "q", "bbox": "[0.1,0.1,0.5,0.5]"}]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    data = load_saliency_data(tmp_path / "train.jsonl")
+    assert len(data) == 1 and data.skipped == [(1, "solution is missing or empty")]

@@ -188,8 +188,9 @@ def load_saliency_data(path: str | Path, *, split: str = "train", max_image_side
         try:
             row = rows[index]
             for column in REQUIRED:
-                if row[column] is None or (isinstance(row[column], str) and not row[column].strip()):
-                    raise ValueError(f"{column} is empty")
+                value = row.get(column)
+                if value is None or (isinstance(value, str) and not value.strip()):
+                    raise ValueError(f"{column} is missing or empty")
             parse_normalised_boxes(row["bbox"])
             try:
                 image = _open_image(row["image"], base)

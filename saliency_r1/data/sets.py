@@ -20,12 +20,13 @@ def load_data(cfg, processor=None):
                                   questions=cfg.synthetic_questions)
         return (SyntheticGroundedVQA(cfg.train_size, seed=cfg.data_seed, config=drawing),
                 SyntheticGroundedVQA(cfg.eval_size, seed=cfg.eval_seed, config=drawing))
+    from saliency_r1.errors import ConfigError
     from saliency_r1.models import image_check
 
     check = image_check(processor) if processor is not None else None
     train = load_saliency_data(cfg.data, max_image_side=cfg.max_image_side, check_image=check)
     if len(train) == 0:
-        raise ValueError(f"{cfg.data}: no usable records ({len(train.skipped)} skipped)")
+        raise ConfigError(f"--data {cfg.data}: no usable records ({len(train.skipped)} skipped, the reasons logged)")
     held_out = (load_saliency_data(cfg.eval_data, max_image_side=cfg.max_image_side, check_image=check)
                 if cfg.eval_data else None)
     return train, held_out

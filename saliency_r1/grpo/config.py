@@ -110,7 +110,7 @@ class TrainConfig:
     # ---------------------------------------------------------------- bookkeeping
     seed: int = _f(0, "Seed of model initialisation (tiny), data order and sampling.")
     output_dir: str = _f("runs/saliency-r1", "Where logs, plots and checkpoints go.")
-    log_every: int = _f(1, "Steps between log lines (the only host syncs of the loop).")
+    log_every: int = _f(1, "Steps between log lines (where the step's metrics are read from the device).")
     save_every: int = _f(20, "Steps between checkpoints (0: only at the end).")
     eval_every: int = _f(0, "Steps between held-out evaluations (0: before and after training only).")
     eval_limit: int = _f(64, "Held-out examples per evaluation.")
@@ -164,6 +164,14 @@ class TrainConfig:
         for tracker in self.report_to:
             if tracker not in TRACKER_PACKAGES:
                 raise ConfigError(f"{_flag('report_to')} entries must be tensorboard or wandb, got {tracker!r}")
+        if self.data is not None and self.model is None and self.cold_start_steps:
+            raise ConfigError(f"{_flag('cold_start_steps')}: the tiny model's cold start writes its reasoning for the "
+                              "synthetic set, not for --data: give --model a cold-started checkpoint, or "
+                              "--cold-start-steps 0")
+
+    def check_paths(self) -> None:
+        """The paths a run reads exist (checked by ``train`` before anything loads, not when a checkpoint's
+        configuration is read back elsewhere, where they need not)."""
         if self.resume not in (None, "auto") and not Path(self.resume).is_dir():
             raise ConfigError(f"--resume {self.resume}: no such checkpoint directory (or 'auto' for the latest in "
                               "output_dir)")

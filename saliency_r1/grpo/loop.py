@@ -104,7 +104,9 @@ def train(cfg: TrainConfig) -> RunResult:
     from saliency_r1.grpo.scores import load_reward_callable, pointing_rate, score_rollouts
     from saliency_r1.saliency import generate_with_saliency
 
-    check_trackers_installed(cfg.report_to)  # before anything loads
+    cfg.check_paths()  # before anything loads
+    check_trackers_installed(cfg.report_to)
+    extra = [load_reward_callable(spec) for spec in cfg.extra_rewards]
     accelerator = Accelerator(cpu=cfg.device_type() == "cpu", log_with=cfg.report_to or None,
                               project_dir=cfg.output_dir)
     check_distribution(accelerator.distributed_type)
@@ -117,7 +119,6 @@ def train(cfg: TrainConfig) -> RunResult:
     train_data, held_out = load_data(cfg, processor)  # before the model: bad records are found in seconds
     model = load_policy_model(cfg, processor, base_dtype if cfg.model else torch.float32).to(device)
     system = system_prompt_or_default(cfg.system_prompt)
-    extra = [load_reward_callable(spec) for spec in cfg.extra_rewards]
     weights = {"format": cfg.format_weight, "accuracy": cfg.accuracy_weight, "saliency": cfg.saliency_weight}
     resume_from = latest_checkpoint(out) if cfg.resume == "auto" else cfg.resume
 
@@ -125,13 +126,16 @@ def train(cfg: TrainConfig) -> RunResult:
     # its checkpoints, for resuming and evaluation to load; resuming a full fine-tune replaces every
     # weight, so it needs none.
     if cfg.cold_start_steps and cfg.model is None:
-        base_dir = out / BASE_MODEL_DIR
         if cfg.lora and resume_from:
+            base_dir = Path(resume_from).parent / BASE_MODEL_DIR  # beside the checkpoint resumed from
+            if not base_dir.is_dir():
+                raise FileNotFoundError(f"{resume_from}: the tiny model's cold-started base, which its LoRA adapter "
+                                        f"was trained on, should be in {base_dir}, which is missing")
             load_weights(model, base_dir)
         elif not resume_from:
             cold_start(model, processor, train_data, cfg, device)
             if cfg.lora and accelerator.is_main_process:
-                save_model_dir(base_dir, model, processor)
+                save_model_dir(out / BASE_MODEL_DIR, model, processor)
             accelerator.wait_for_everyone()
     if cfg.lora:  # after the tiny model's cold start, which trains all of its weights in fp32
         model = with_lora(model.to(base_dtype), cfg)
@@ -280,7 +284,7 @@ def train(cfg: TrainConfig) -> RunResult:
         bad_streak = bad_streak + 1 if skipped == cfg.inner_iterations else 0
         clock.lap("update")
 
-        # ---- 5. log (host syncs only here), checkpoint, evaluate
+        # ---- 5. log (the step's metrics are read from the device only here), checkpoint, evaluate
         lengths = mask.sum(-1)
         pending.append((step, {**{f"reward/{k}": v.nanmean() for k, v in scores.items()},
                                "reward/total": total.mean(), "saliency_in_box": scores["saliency"].mean(),
@@ -322,9 +326,8 @@ def train(cfg: TrainConfig) -> RunResult:
                                f"--max-grad-norm, or resume from an earlier checkpoint.")
         if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
             run_evaluation(done)
-        if bad_streak and ((cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps):
-            logger.warning("step %d: no checkpoint written, the step's loss or gradient was not finite", done)
-        elif (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
+        # A skipped step left the weights as they were, so a checkpoint after one is the last good state.
+        if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
             if done == cfg.steps:
                 run_evaluation(done)
             save_checkpoint(out / f"checkpoint-{done}", model=policy, optimizer=optimizer, scheduler=scheduler,

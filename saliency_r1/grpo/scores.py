@@ -11,17 +11,22 @@ import torch
 
 def load_reward_callable(spec: str):
     """``"module:function"`` to the callable."""
+    from saliency_r1.errors import ConfigError
+
     module, _, name = spec.partition(":")
     if not name:
-        raise ValueError(f"extra reward {spec!r} must be written 'module:function'")
-    return getattr(importlib.import_module(module), name)
+        raise ConfigError(f"--extra-rewards {spec!r} must be written 'module:function'")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as error:
+        raise ConfigError(f"--extra-rewards {spec!r}: {error}") from None
 
 
 def score_rollouts(rollout, examples: list[dict], extra: list) -> dict[str, torch.Tensor]:
     """Each reward component per rollout (float32 ``[B]``, on the maps' device), unweighted.
 
-    ``format`` is the rollout's validity (the one well-formedness predicate, ``docs/method.md``
-    section 2), and the saliency reward is multiplied by it. ``extra`` callables take TRL's form
+    ``format`` is the one well-formedness predicate of each completion (``docs/method.md`` section 2); the
+    saliency reward is multiplied by the rollout's validity, which is that predicate and finite saliency. ``extra`` callables take TRL's form
     and also receive ``saliency_maps`` and ``saliency_valid``.
 
     Nothing here waits for the device: the engine's maps are finite (a rollout whose saliency is not
@@ -34,7 +39,8 @@ def score_rollouts(rollout, examples: list[dict], extra: list) -> dict[str, torc
     columns = {"solution": [e["solution"] for e in examples], "bbox": [e["bbox"] for e in examples],
                "image": [e["image"] for e in examples]}
     sizes = [(e["image"].height, e["image"].width) for e in examples]
-    scores = {"format": rollout.valid,
+    well_formed = torch.tensor([float(s.valid) for s in rollout.spans], device=device)
+    scores = {"format": well_formed,
               "accuracy": torch.tensor(accuracy_reward(rollout.texts, **columns), device=device),
               "saliency": saliency_in_box([maps[0] for maps in rollout.maps], columns["bbox"], sizes,
                                           valid=rollout.valid, check=False)}
