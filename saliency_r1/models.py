@@ -194,25 +194,19 @@ class ModelSource:
         return self.run_config.max_completion_length if self.run_config is not None else 256
 
     @functools.cached_property
-    def _config(self):
-        return self._read_config()
-
     def config(self):
         """The transformers configuration of the model (of the base, for an adapter), read once."""
-        return self._config
-
-    def _read_config(self):
         from transformers import AutoConfig
 
         if self.kind == "adapter":
-            return self.base.config()
-        folder = Path(self.reference) / "model" if self.kind == "checkpoint" else self.reference
+            return self.base.config
         if self.kind == "checkpoint" and self.run_config.lora:
-            return self.base.config() if self.base is not None else _tiny_config(self.run_config)
+            return self.base.config if self.base is not None else _tiny_config(self.run_config)
+        folder = Path(self.reference) / "model" if self.kind == "checkpoint" else self.reference
         return AutoConfig.from_pretrained(str(folder))
 
     def max_positions(self) -> int | None:
-        config = self.config()
+        config = self.config
         text = getattr(config, "text_config", config)
         return getattr(text, "max_position_embeddings", None)
 
@@ -251,7 +245,7 @@ class ModelSource:
         from saliency_r1.errors import ConfigError
 
         try:
-            adapter_class(self.config().model_type)
+            adapter_class(self.config.model_type)
         except ValueError as error:
             raise ConfigError(f"{self.reference}: {error}") from None
 
