@@ -39,7 +39,19 @@ def test_saliency_r1_and_its_kernels_are_this_checkouts_own():
     import saliency_r1.kernels
 
     assert Path(saliency_r1.__file__).resolve().parent == REPO / "saliency_r1"
-    assert Path(saliency_r1.kernels.__file__).resolve().parent == REPO / "kernels"
+    assert [Path(p).resolve() for p in saliency_r1.kernels.__path__] == [REPO / "kernels"]
+
+
+def test_python_started_in_the_checkout_imports_the_hugging_face_kernels_package():
+    """transformers imports the Hugging Face ``kernels`` package (a dependency of transformers 5.25); the
+    checkout's kernels/ must not stand in for it when the checkout's root is on sys.path (``python -m pytest``,
+    a notebook there). It is a namespace package, which any regular package of the name outranks."""
+    probe = ("import importlib.util, transformers.modeling_utils; spec = importlib.util.find_spec('kernels'); "
+             "print(spec.origin if spec else None)")
+    run = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    origin = run.stdout.strip()
+    assert origin == "None" or Path(origin).resolve().parent != REPO / "kernels", origin
 
 
 def test_a_second_checkout_imports_its_own_kernels(tmp_path):
@@ -102,7 +114,7 @@ WHEEL_PROBE = textwrap.dedent("""
     page = explain(model, processor, example["image"], example["problem"],
                    completion="<think>red dark</think><answer>dark</answer>").to_html()  # the packaged page
     print(json.dumps({"page_bytes": len(page), "page_filled": "/*__DATA__*/" not in page,
-        "package": saliency_r1.__file__, "kernels": saliency_r1.kernels.__file__, "modules": modules,
+        "package": saliency_r1.__file__, "kernels": list(saliency_r1.kernels.__path__)[0], "modules": modules,
         "from_source": [p for p in sys.path if p and Path(p).resolve().is_relative_to(source)],
         "valid": float(rollout.valid[0]), "shape": list(saliency_map.shape),
         "finite": bool(torch.isfinite(saliency_map).all()), "nonzero": bool(saliency_map.abs().sum() > 0),
@@ -124,8 +136,11 @@ def test_wheel_installs_and_runs_in_a_fresh_environment(tmp_path):
     import zipfile
 
     names = zipfile.ZipFile(wheel).namelist()
-    for package in ("adapters", "data", "grpo", "kernels", "kernels/reference"):
+    for package in ("adapters", "data", "grpo"):
         assert f"saliency_r1/{package}/__init__.py" in names, package
+    for module in ("kernels/reward.py", "kernels/layer_saliency.py", "kernels/checks.py", "kernels/reference/reward.py",
+                   "kernels/reference/layer_saliency.py"):  # namespace subpackages: no __init__.py
+        assert f"saliency_r1/{module}" in names, module
     assert any(n.startswith("saliency_r1/_C") and n.endswith(".so") for n in names)
     assert "saliency_r1/assets/flow.html" in names  # package data
 
