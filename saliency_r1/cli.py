@@ -5,7 +5,8 @@
         --lora true --learning-rate 1e-5 --num-generations 8 --max-completion-length 512 --bf16 true \\
         --micro-batch-size 2
     accelerate launch -m saliency_r1.cli train ...  # several GPUs (DDP; not FSDP or DeepSpeed)
-    saliency-r1 evaluate runs/saliency-r1/checkpoint-40 [--data val.parquet] [--limit 200]
+    saliency-r1 evaluate runs/saliency-r1/checkpoint-40 --out eval [--data val.parquet] [--limit 200]
+    saliency-r1 evaluate runs/.../checkpoint-40 Qwen/Qwen2.5-VL-3B-Instruct --data val.jsonl --out eval --faithfulness
     saliency-r1 explain runs/saliency-r1/checkpoint-40 --image cat.png --question "What is on the mat?"
     saliency-r1 explain Qwen/Qwen2.5-VL-3B-Instruct --image cat.png --question "..." --compare runs/.../checkpoint-40
 """
@@ -43,39 +44,111 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from saliency_r1.data.sets import load_data
-    from saliency_r1.evaluate import evaluate
-    from saliency_r1.grpo.checkpoint import load_trained
+    from accelerate import PartialState
+
+    from saliency_r1.evaluation_run import ModelRun, prepare_out_folder, run_evaluation
+    from saliency_r1.faithfulness import FaithfulnessOptions
+    from saliency_r1.models import resolve_model
     from saliency_r1.prompts import system_prompt_or_default
 
-    _check_checkpoint(args.checkpoint)
-    if args.data and not Path(args.data).exists():
-        raise ConfigError(f"--data {args.data}: no such file or directory")
-    _make_parent(args.out)
-    model, processor, cfg = load_trained(args.checkpoint)
+    # Everything that can be checked without weights is checked first: the models, the data, the output folder.
+    if len(set(args.models)) != len(args.models):
+        raise ConfigError("a MODEL is named twice")
+    sources = [resolve_model(reference) for reference in args.models]
+    for source in sources:
+        source.check_family()
+    device, dtype = _device_and_dtype(args)
+    state = PartialState(cpu=device == "cpu")  # on the CPU, torchrun's processes join a gloo group only when asked
+    if state.num_processes > 1 and device == "cuda":
+        device = str(state.device)
+    dataset, data_name = _evaluation_data(args, sources)
+    count = len(dataset) if args.limit is None else min(args.limit, len(dataset))
+    faithfulness = FaithfulnessOptions(steps=args.steps, baseline=args.baseline, seed=args.seed) if args.faithfulness \
+        else None
+    settings = {"data": data_name, "path": args.path, "max_new_tokens": args.max_new_tokens,
+                "system_prompt": args.system_prompt, "sanity": args.sanity,
+                "faithfulness": None if faithfulness is None else {"steps": faithfulness.steps,
+                                                                   "baseline": faithfulness.baseline,
+                                                                   "seed": faithfulness.seed},
+                "models": args.models, "limit": args.limit}
+    out = Path(args.out)
+    prepare_out_folder(out, settings, resume=args.resume, write=False)  # every process, before any writes
+    state.wait_for_everyone()
+    if state.is_main_process:
+        prepare_out_folder(out, settings, resume=True)
+    runs = [ModelRun(reference=reference, source=source, path=args.path or source.saliency_path,
+                     max_new_tokens=args.max_new_tokens or source.max_new_tokens,
+                     system_prompt=system_prompt_or_default(args.system_prompt if args.system_prompt is not None
+                                                            else source.system_prompt))
+            for reference, source in zip(args.models, sources)]
+    summary = run_evaluation(runs, dataset, count=count, out=out, data_name=data_name,
+                             options_extra={"faithfulness": faithfulness, "sanity": args.sanity, "seed": args.seed},
+                             batch_size=args.batch_size, device=device, dtype=dtype)
+    if state.is_main_process:
+        print((out / "summary.md").read_text())
+        for name, path in summary["files"].items():
+            print(f"{name + ':':<10}{path}")
+        for run in runs:
+            from saliency_r1.evaluation_run import samples_file
+
+            print(f"samples:  {samples_file(out, run.reference)}")
+    return 0
+
+
+def _evaluation_data(args: argparse.Namespace, sources) -> tuple:
+    """``(dataset, name)``: ``--data``, ``--synthetic N``, or the held-out set of the first checkpoint of train."""
+    from saliency_r1.data.synthetic import SyntheticConfig, SyntheticGroundedVQA
+    from saliency_r1.grpo.config import TrainConfig
+
+    run_config = next((s.run_config for s in sources if s.run_config is not None), None)
     if args.data:
         from saliency_r1.data.loader import load_saliency_data
         from saliency_r1.models import image_check
 
-        dataset = load_saliency_data(args.data, max_image_side=cfg.max_image_side, check_image=image_check(processor))
-    else:
-        _, dataset = load_data(cfg, processor)
-        if dataset is None:
-            raise ConfigError("this run had no held-out data: pass --data")
-    metrics = evaluate(model, processor, dataset, system_prompt=system_prompt_or_default(cfg.system_prompt),
-                       limit=args.limit,
-                       max_new_tokens=cfg.max_completion_length, path=cfg.saliency_path,
-                       bf16=cfg.uses_bf16(next(model.parameters()).device.type))
-    print(json.dumps(metrics, indent=2))
-    if args.out:
-        Path(args.out).write_text(json.dumps(metrics, indent=2))
-    return 0
+        if not Path(args.data).exists():
+            raise ConfigError(f"--data {args.data}: no such file or directory")
+        max_side = run_config.max_image_side if run_config is not None else TrainConfig().max_image_side
+        dataset = load_saliency_data(args.data, max_image_side=max_side, check_image=image_check(sources[0].processor()))
+        if len(dataset) == 0:
+            raise ConfigError(f"--data {args.data}: no usable records ({len(dataset.skipped)} skipped, the reasons "
+                              "logged)")
+        if dataset.skipped:
+            print(f"--data {args.data}: {len(dataset.skipped)} bad records skipped (the reasons logged), "
+                  f"{len(dataset)} kept", file=sys.stderr)
+        return dataset, str(args.data)
+    if args.synthetic:
+        cfg = run_config or TrainConfig()
+        drawing = SyntheticConfig(image_size=cfg.image_size, num_objects=cfg.num_objects,
+                                  questions=cfg.synthetic_questions)
+        return (SyntheticGroundedVQA(args.synthetic, seed=cfg.eval_seed, config=drawing),
+                f"synthetic: {args.synthetic} images, seed {cfg.eval_seed}")
+    if run_config is None:
+        raise ConfigError("no data: pass --data PATH or --synthetic N (only a checkpoint of train brings its own "
+                          "held-out set)")
+    if run_config.data is not None and not run_config.eval_data:
+        raise ConfigError(f"{sources[0].reference}: its run had no held-out data: pass --data or --synthetic N")
+    from saliency_r1.data.sets import load_data
+
+    _, dataset = load_data(run_config, sources[0].processor())
+    name = run_config.eval_data or f"synthetic: {run_config.eval_size} images, seed {run_config.eval_seed}"
+    return dataset, name
+
+
+def _device_and_dtype(args: argparse.Namespace) -> tuple:
+    """``--device`` (default: cuda when present) and ``--dtype`` (default: bf16 on cuda, float32 on cpu)."""
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}[
+        args.dtype or ("bfloat16" if device == "cuda" else "float32")]
+    return device, dtype
 
 
 def _explain(args: argparse.Namespace) -> int:
     import time
 
-    import torch
     from PIL import Image
 
     from saliency_r1.explain import completion_token_ids, explain
@@ -93,11 +166,7 @@ def _explain(args: argparse.Namespace) -> int:
     sources = [resolve_model(reference) for reference in [args.model] + ([args.compare] if args.compare else [])]
     for source in sources:
         source.check_family()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}[
-        args.dtype or ("bfloat16" if device == "cuda" else "float32")]
+    device, dtype = _device_and_dtype(args)
     processors = [source.processor() for source in sources]
     if args.completion is not None:
         for source, processor in zip(sources, processors):
@@ -139,18 +208,6 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_checkpoint(path: str) -> None:
-    """A checkpoint written by train, complete; a run's folder gets the name of its latest checkpoint."""
-    from saliency_r1.grpo.checkpoint import checkpoint_problem, latest_checkpoint
-
-    problem = checkpoint_problem(path)
-    if problem is None:
-        return
-    latest = latest_checkpoint(path) if Path(path).is_dir() else None
-    hint = f"; this looks like a run's folder: its latest checkpoint is {latest}" if latest else ""
-    raise ConfigError(f"{path}: not a checkpoint written by train ({problem}){hint}")
-
-
 def _make_parent(out: str | None) -> None:
     """The folder an --out file goes to, made before the work rather than failing after it."""
     if out:
@@ -180,6 +237,17 @@ def _box_argument(text: str) -> list[list[float]]:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _model_options(parser: argparse.ArgumentParser, *, path_help: str) -> None:
+    """The options of a command that runs any model: saliency path, device, dtype, generation."""
+    parser.add_argument("--path", choices=("cot", "direct", "both"), default=None, help=path_help)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when present")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float64"), default=None,
+                        help="default: bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=None,
+                        help="generation budget (default: a checkpoint's own, else 256)")
+    parser.add_argument("--system-prompt", default=None, help="default: a checkpoint's own, else the reasoning prompt")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from saliency_r1.grpo.config import build_parser as config_parser
 
@@ -187,11 +255,35 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     config_parser(commands.add_parser("train", help="GRPO with saliency rewards (no arguments: the CPU demo)"))
-    evaluate = commands.add_parser("evaluate", help="held-out saliency-in-box, pointing game and accuracy")
-    evaluate.add_argument("checkpoint", help="a checkpoint directory written by train")
-    evaluate.add_argument("--data", help="held-out data in the Saliency-R1 format (default: the run's)")
+    evaluate = commands.add_parser(
+        "evaluate", help="accuracy, pointing game and saliency-in-box of one or more models; faithfulness of the maps",
+        description="Evaluate models on the same held-out samples: writes samples-<model>.jsonl (one record a sample), "
+                    "summary.md, summary.json and summary.png (95%% bootstrap intervals) into --out. Under torchrun "
+                    "or accelerate launch each process takes a shard.")
+    evaluate.add_argument("models", nargs="+", metavar="MODEL",
+                          help="a Hugging Face model (local folder or hub id) of a supported family, a peft LoRA adapter "
+                               "folder, or a checkpoint written by train; several are compared side by side")
+    data = evaluate.add_mutually_exclusive_group()
+    data.add_argument("--data", help="held-out data in the Saliency-R1 format (default: the held-out set of the first "
+                                     "checkpoint of train)")
+    data.add_argument("--synthetic", type=_positive_int, metavar="N", help="the first N images of the synthetic "
+                                                                           "held-out set")
+    evaluate.add_argument("--out", required=True, help="the folder for the results")
+    evaluate.add_argument("--resume", action="store_true",
+                          help="continue the evaluation in --out: samples already written are skipped")
     evaluate.add_argument("--limit", type=_positive_int, default=None, help="evaluate the first N records")
-    evaluate.add_argument("--out", help="also write the metrics to this JSON file")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per generation call")
+    evaluate.add_argument("--faithfulness", action="store_true",
+                          help="deletion and insertion curves of every map source (docs/method.md section 8)")
+    evaluate.add_argument("--steps", type=_positive_int, default=16,
+                          help="faithfulness grid: r = i/steps, plus 0.05, 0.15 and 0.30 (default 16)")
+    evaluate.add_argument("--baseline", choices=("black", "mean", "blur"), default="black",
+                          help="what deleted pixels become (default black)")
+    evaluate.add_argument("--sanity", action="store_true",
+                          help="the model-randomisation check: rank correlation of the maps with those under "
+                               "randomised top layers")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the random ranking and randomised weights")
+    _model_options(evaluate, path_help="saliency path of the reported map (default: a checkpoint's own, else cot)")
     explain = commands.add_parser(
         "explain", help="answer a question about an image (or explain a given answer) and show where it looked",
         description="Explain one answer of a model: writes overlay.png, flow.html (an interactive page, offline) "
@@ -207,15 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="explain this completion (teacher-forced, one forward) instead of generating one")
     explain.add_argument("--compare", default=None, metavar="MODEL_B",
                          help="the same question through a second model, side by side on one page")
-    explain.add_argument("--path", choices=("cot", "direct", "both"), default=None,
-                         help="saliency path (default: a checkpoint's own, else cot)")
     explain.add_argument("--out", default=None, help="output folder (default: <image name>-explained)")
-    explain.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when present")
-    explain.add_argument("--dtype", choices=("float32", "bfloat16", "float64"), default=None,
-                         help="default: bfloat16 on cuda, float32 on cpu")
-    explain.add_argument("--max-new-tokens", type=_positive_int, default=None,
-                         help="generation budget (default: a checkpoint's own, else 256)")
-    explain.add_argument("--system-prompt", default=None, help="default: a checkpoint's own, else the reasoning prompt")
+    _model_options(explain, path_help="saliency path (default: a checkpoint's own, else cot)")
     return parser
 
 

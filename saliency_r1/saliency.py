@@ -32,7 +32,8 @@ from saliency_r1.projection import answer_logit_directions, project_answer_vecto
 from saliency_r1.spans import Spans, end_of_turn_ids, find_spans, trim_completion
 
 
-__all__ = ["PATHS", "RolloutSaliency", "generate_with_saliency", "saliency_for_completions", "saliency_from_capture"]
+__all__ = ["PATHS", "RolloutSaliency", "generate_with_saliency", "saliency_for_completions",
+           "saliency_for_completions_by_path", "saliency_from_capture"]
 
 
 @dataclass
@@ -60,6 +61,9 @@ class RolloutSaliency:
             completion token); else ``None``.
         answer_to_think: with ``details``: per rollout, ``[A_b, T_b]``, ``sum over l, h of alpha(a -> t)``:
             which reasoning tokens each answer token read; else ``None``.
+        answer_attention_maps: with ``attention``: per rollout, per image, ``[h', w']``: the answer rows'
+            attention on the image averaged over layers, heads and answer tokens (the raw-attention map
+            that faithfulness compares against, ``docs/method.md`` section 8); else ``None``.
         path: the op path used (``"cot"``, ``"direct"`` or ``"both"``).
         non_finite: bool ``[B]`` on the maps' device: the rollouts made invalid by a NaN or inf among what the
             saliency read (queries, log-sum-exps, keys, values, the final norm's RMS) or in its sum.
@@ -79,6 +83,7 @@ class RolloutSaliency:
     think_token_maps: list[list[torch.Tensor]] | None = None
     think_token_logit_maps: list[list[torch.Tensor]] | None = None
     answer_to_think: list[torch.Tensor] | None = None
+    answer_attention_maps: list[list[torch.Tensor]] | None = None
     non_finite: torch.Tensor | None = None
     path: str = "cot"
     timings: dict[str, float] = field(default_factory=dict)
@@ -214,7 +219,7 @@ def _per_image(values: torch.Tensor, grids: list[tuple[int, int]]) -> list[torch
 def saliency_from_capture(model: nn.Module, processor, captured: CapturedRows, cache, sequences: torch.Tensor,
                           prompt_length: int, prompt_ids: torch.Tensor, image_grid_thw: torch.Tensor | None, *,
                           adapter: ModelAdapter | None = None, path: str = "cot", details: bool = False,
-                          completion_ids: Sequence[Sequence[int] | torch.Tensor] | None = None,
+                          attention: bool = False, completion_ids: Sequence[Sequence[int] | torch.Tensor] | None = None,
                           spans: Sequence[Spans] | None = None) -> RolloutSaliency:
     """Maps of every rollout from a capture and the cache of the same model run.
 
@@ -232,6 +237,7 @@ def saliency_from_capture(model: nn.Module, processor, captured: CapturedRows, c
         adapter: defaults to ``get_adapter(model)``.
         path: ``"cot"`` (the default, through the think tokens), ``"direct"`` or ``"both"``.
         details: also compute the per-think-token maps and the answer-to-think weights.
+        attention: also compute the raw-attention map of the answer rows (``answer_attention_maps``).
         completion_ids: per rollout completion ids; default ``sequences[:, P:]`` trimmed at end-of-turn.
         spans: per rollout, the think and answer tokens to use instead of those :func:`find_spans` finds
             (a rollout whose spans are not ``valid`` gets a zero map).
@@ -295,7 +301,7 @@ def saliency_from_capture(model: nn.Module, processor, captured: CapturedRows, c
         take_answer, take_think = _RowTaker(answer_rows), _RowTaker(think_rows)
         take_think_key, take_image = _RowTaker(think_pos), _RowTaker(image_index)
         scale = adapter.scale
-        total = think_image = think_logit = answer_think = None
+        total = think_image = think_logit = answer_think = answer_image = None
         # A rollout with a NaN or inf among what the op reads is invalid (docs/method.md section 3.3).
         non_finite = torch.zeros(batch, dtype=torch.bool, device=device)
         for layer in range(adapter.num_layers):
@@ -325,6 +331,9 @@ def saliency_from_capture(model: nn.Module, processor, captured: CapturedRows, c
                 think_logit = layer_logit if think_logit is None else think_logit + layer_logit
                 think_image = layer_image if think_image is None else think_image + layer_image
                 answer_think = layer_think if answer_think is None else answer_think + layer_think
+            if attention:
+                layer_image = _alpha_head_sum(q_answer, lse_answer, k_image, scale)
+                answer_image = layer_image if answer_image is None else answer_image + layer_image
 
         # ... and so is one whose sum is not finite, or whose final-norm scale is not (an infinite RMS makes
         # g, and so the map, 0): its maps are zero, its validity 0.
@@ -332,14 +341,19 @@ def saliency_from_capture(model: nn.Module, processor, captured: CapturedRows, c
         if details:
             non_finite |= ~(torch.isfinite(think_logit).flatten(1).all(1) & torch.isfinite(think_image).flatten(1).all(1)
                             & torch.isfinite(answer_think).flatten(1).all(1))
+        if attention:
+            non_finite |= ~torch.isfinite(answer_image).flatten(1).all(1)
         keep = ~non_finite[:, None, None]
         total = total.where(keep, 0.0)
         if details:
             think_logit, think_image, answer_think = (x.where(keep, 0.0) for x in (think_logit, think_image, answer_think))
+        if attention:
+            answer_image = answer_image.where(keep, 0.0)
         maps, answer_maps = [], []
         think_maps = [] if details else None
         think_logit_maps = [] if details else None
         answer_to_think = [] if details else None
+        answer_attention = [] if attention else None
         for b, (n, t, a) in enumerate(lengths_host):
             per_token = total[b, :a, :n]
             answer_maps.append(_per_image(per_token, grids[b]))
@@ -348,13 +362,17 @@ def saliency_from_capture(model: nn.Module, processor, captured: CapturedRows, c
                 think_maps.append(_per_image(think_image[b, :t, :n].to(total.dtype), grids[b]))
                 think_logit_maps.append(_per_image(think_logit[b, :t, :n], grids[b]))
                 answer_to_think.append(answer_think[b, :a, :t].to(total.dtype))
+            if attention:
+                mean = answer_image[b, :a, :n].sum(0) / max(a * adapter.num_layers * adapter.num_heads, 1)
+                answer_attention.append(_per_image(mean.to(total.dtype), grids[b]))
     valid = torch.tensor([s.valid for s in spans], dtype=torch.float32).to(device) * (~non_finite).float()
     return RolloutSaliency(
         sequences=sequences, prompt_length=P, completion_ids=[torch.tensor(c, dtype=torch.long) for c in completions],
         texts=texts, maps=maps, spans=spans, valid=valid.to(sequences.device), non_finite=non_finite,
         image_grids=grids, answer_token_maps=answer_maps, think_token_maps=think_maps,
-        think_token_logit_maps=think_logit_maps, answer_to_think=answer_to_think, path=path,
-        timings={"saliency": time.perf_counter() - started}, captured_bytes=captured.nbytes())
+        think_token_logit_maps=think_logit_maps, answer_to_think=answer_to_think,
+        answer_attention_maps=answer_attention, path=path, timings={"saliency": time.perf_counter() - started},
+        captured_bytes=captured.nbytes())
 
 
 def generate_with_saliency(model: nn.Module, processor, inputs, *, adapter: ModelAdapter | None = None,
@@ -397,7 +415,7 @@ def generate_with_saliency(model: nn.Module, processor, inputs, *, adapter: Mode
 def saliency_for_completions(model: nn.Module, processor, inputs,
                              completion_ids: Sequence[Sequence[int] | torch.Tensor] | torch.Tensor, *,
                              adapter: ModelAdapter | None = None, path: str = "cot", details: bool = False,
-                             spans: Sequence[Spans] | None = None) -> RolloutSaliency:
+                             attention: bool = False, spans: Sequence[Spans] | None = None) -> RolloutSaliency:
     """Maps of completions generated elsewhere (vLLM, a file): one teacher-forced forward with capture.
 
     Args:
@@ -407,12 +425,24 @@ def saliency_for_completions(model: nn.Module, processor, inputs,
         completion_ids: ``B`` completions: a list of 1-D id sequences, or a right-padded ``[B, C]`` tensor; each
             is cut after its first end-of-turn token.
         adapter, path, details: as in :func:`generate_with_saliency`.
-        spans: as in :func:`saliency_from_capture`.
+        attention, spans: as in :func:`saliency_from_capture`.
 
     Returns:
         :class:`RolloutSaliency`; equal (within floating-point tolerance) to what
         :func:`generate_with_saliency` gives for the same completions.
     """
+    return saliency_for_completions_by_path(model, processor, inputs, completion_ids, paths=(path,), adapter=adapter,
+                                            details=details, attention=attention, spans=spans)[path]
+
+
+def saliency_for_completions_by_path(model: nn.Module, processor, inputs,
+                                     completion_ids: Sequence[Sequence[int] | torch.Tensor] | torch.Tensor, *,
+                                     paths: Sequence[str] = PATHS, adapter: ModelAdapter | None = None,
+                                     details: bool = False, attention: bool = False,
+                                     spans: Sequence[Spans] | None = None) -> dict[str, RolloutSaliency]:
+    """:func:`saliency_for_completions` for several paths from ONE teacher-forced forward and capture (the
+    faithfulness evaluation compares them on the same rows). ``attention`` is computed once, with the first
+    path, and shared by every result. Returns ``{path: RolloutSaliency}``."""
     adapter = adapter or get_adapter(model)
     tokenizer = _tokenizer(processor)
     prompt_ids = inputs["input_ids"]
@@ -420,6 +450,8 @@ def saliency_for_completions(model: nn.Module, processor, inputs,
     if len(completion_ids) != batch:
         raise ValueError(f"completion_ids has {len(completion_ids)} completions for {batch} prompts: repeat each "
                          "prompt in inputs once per completion")
+    if not paths:
+        raise ValueError("paths must name at least one saliency path")
     stops = end_of_turn_ids(tokenizer)
     completions = [trim_completion(c, stops) for c in completion_ids]
     # An empty completion (a backend may return one) is an invalid rollout, not an error.
@@ -433,8 +465,14 @@ def saliency_for_completions(model: nn.Module, processor, inputs,
     with torch.no_grad(), capture_saliency(model, first_row=P - 1, num_rows=width, adapter=adapter) as capture:
         output = model(**forward, use_cache=True, logits_to_keep=1, saliency_capture=capture)
     ran = time.perf_counter() - started
-    result = saliency_from_capture(model, processor, capture.result(), adapter.output_cache(output), sequences, P,
-                                   prompt_ids, inputs.get("image_grid_thw"), adapter=adapter, path=path,
-                                   details=details, completion_ids=completions, spans=spans)
-    result.timings["forward"] = ran
-    return result
+    captured, cache = capture.result(), adapter.output_cache(output)
+    results: dict[str, RolloutSaliency] = {}
+    for path in paths:
+        result = saliency_from_capture(model, processor, captured, cache, sequences, P, prompt_ids,
+                                       inputs.get("image_grid_thw"), adapter=adapter, path=path, details=details,
+                                       attention=attention and not results, completion_ids=completions, spans=spans)
+        result.timings["forward"] = ran
+        if results:
+            result.answer_attention_maps = next(iter(results.values())).answer_attention_maps
+        results[path] = result
+    return results

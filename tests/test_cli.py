@@ -51,9 +51,11 @@ def test_train_evaluate_explain(tmp_path, cold_model, capsys):
         (1, pytest.approx(logged[0]["reward/total"], rel=1e-6))]
 
     checkpoint = out / "checkpoint-1"
-    assert main(["evaluate", str(checkpoint), "--limit", "2", "--out", str(tmp_path / "eval.json")]) == 0
-    metrics = json.loads((tmp_path / "eval.json").read_text())
-    assert metrics["samples"] == 2 and 0 <= metrics["saliency_in_box"] <= 1
+    assert main(["evaluate", str(checkpoint), "--limit", "2", "--out", str(tmp_path / "eval")]) == 0
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    metrics = summary["models"][str(checkpoint)]
+    assert metrics["samples"] == 2 and 0 <= metrics["rates"]["saliency_in_box"]["mean"] <= 1
+    assert "held-out set" not in summary["data"] and summary["data"].startswith("synthetic: 2 images")
 
     example = SyntheticGroundedVQA(1, seed=99)[0]
     example["image"].save(tmp_path / "image.png")
@@ -171,7 +173,7 @@ def test_a_hub_id_is_not_mistaken_for_a_missing_folder():
 
 def test_evaluate_limit_must_be_positive(capsys):
     with pytest.raises(SystemExit) as stopped:
-        main(["evaluate", "some/checkpoint", "--limit", "-1"])
+        main(["evaluate", "some/checkpoint", "--out", "eval", "--limit", "-1"])
     assert stopped.value.code == 2 and "--limit" in capsys.readouterr().err
 
 
@@ -197,11 +199,12 @@ def test_commands_on_something_that_is_not_a_checkpoint_say_so(tmp_path, capsys)
     run = tmp_path / "run"
     (run / "checkpoint-3").mkdir(parents=True)
     for argv, message in (
-            (["evaluate", str(tmp_path / "nothing")], "not a checkpoint written by train (no state.json)"),
+            (["evaluate", str(tmp_path / "nothing"), "--out", str(tmp_path / "e")], "no such folder"),
             (["explain", str(run / "checkpoint-3"), "--image", str(_image(tmp_path)), "--question", "q"],
              "not a complete checkpoint written by train (no state.json)"),
             (["explain", str(run), "--image", str(_image(tmp_path)), "--question", "q"], "a checkpoint written by train"),
-            (["evaluate", str(run / "checkpoint-3"), "--data", str(tmp_path / "none.jsonl")], "not a checkpoint"),
+            (["evaluate", str(run / "checkpoint-3"), "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "e")],
+             "not a complete checkpoint written by train (no state.json)"),
             (["train", "--config", str(tmp_path / "missing.yaml")], "cannot read the configuration"),
             (["train", "--model", str(run)], "not a model folder (no config.json)")):
         with pytest.raises(SystemExit) as stopped:

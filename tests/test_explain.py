@@ -20,7 +20,8 @@ from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from saliency_r1.explain import Explanation, explain
-from saliency_r1.saliency import _RowTaker, generate_with_saliency, saliency_for_completions
+from saliency_r1.saliency import (PATHS, _RowTaker, generate_with_saliency, saliency_for_completions,
+                                  saliency_for_completions_by_path)
 from saliency_r1.tiny import build_tiny_model, build_tiny_processor
 from test_adapters import family_model, family_processor
 
@@ -153,6 +154,7 @@ def _brute_force(model, processor, inputs, row, completion, think, answer):
     think_image = torch.zeros(len(think), n, dtype=torch.float64)
     think_logit = torch.zeros(len(think), n, dtype=torch.float64)
     answer_think = torch.zeros(len(answer), len(think), dtype=torch.float64)
+    answer_image = torch.zeros(len(answer), n, dtype=torch.float64)
     for l, layer in enumerate(text.layers):
         attn = out.attentions[l][0]  # [H, S, S]
         v = values[l][0].view(-1, Hkv, d)  # [S, Hkv, d]
@@ -166,14 +168,16 @@ def _brute_force(model, processor, inputs, row, completion, think, answer):
                 rho = sum(attn[h, a, t] * attn[h, t, image_pos] for t in think_pos) if think_pos else 0.0
                 cot[j] += rho * logit
                 direct[j] += attn[h, a, image_pos] * logit
+                answer_image[j] += attn[h, a, image_pos]
                 for m, t in enumerate(think_pos):
                     answer_think[j, m] += attn[h, a, t]
             for m, t in enumerate(think_pos):
                 think_image[m] += attn[h, t, image_pos]
                 think_logit[m] += attn[h, t, image_pos] * (contrib @ g(t, completion[think[m] + 1]))
     sizes = [(int(grid[i][1]) // merge, int(grid[i][2]) // merge) for i in range(first, last)]
+    raw_attention = answer_image.sum(0) / (len(answer) * len(text.layers) * H)
     return dict(cot=cot, direct=direct, think_image=think_image, think_logit=think_logit,
-                answer_think=answer_think, sizes=sizes)
+                answer_think=answer_think, raw_attention=raw_attention, sizes=sizes)
 
 
 def _split(values, sizes):
@@ -195,7 +199,7 @@ def test_maps_equal_brute_force(family, path):
     model64 = family_model(processor, family, dtype=torch.float64, seed=1)
     inputs, completions = _rollouts(processor)
     result = saliency_for_completions(model64, processor, inputs, [c[0] for c in completions], path=path,
-                                      details=True)
+                                      details=True, attention=True)
     assert result.valid.tolist() == [1.0, 1.0, 1.0]
     assert result.valid.device == result.sequences.device  # the loop adds it to rewards on the maps' device
     for row, (ids, think, answer) in enumerate(completions):
@@ -214,6 +218,8 @@ def test_maps_equal_brute_force(family, path):
         for got, want in zip(result.think_token_logit_maps[row], _split(expected["think_logit"], expected["sizes"])):
             _close(got, want, logit_scale)
         _close(result.answer_to_think[row], expected["answer_think"], 1.0)
+        for got, want in zip(result.answer_attention_maps[row], _split(expected["raw_attention"], expected["sizes"])):
+            _close(got, want, 1.0)
     # the empty think span has no chain-of-thought path: its cot map is exactly zero
     if path == "cot":
         assert all(bool((m == 0).all()) for m in result.maps[0])
@@ -400,3 +406,24 @@ def test_row_taker_equals_gather(shape, contiguous):
         index[:, None, :].expand(-1, shape[1], -1)
     for _ in range(2):  # the second call reuses the flat index built by the first
         assert torch.equal(take(x), x.gather(2, expand))
+
+
+def test_every_path_from_one_forward_equals_each_path_alone(processor, model64):
+    """The faithfulness evaluation's one teacher-forced capture gives each path's maps exactly as a forward of
+    its own does, and one raw-attention map shared by all."""
+    inputs, completions = _rollouts(processor)
+    ids = [c[0] for c in completions]
+    together = saliency_for_completions_by_path(model64, processor, inputs, ids, paths=PATHS, attention=True)
+    assert list(together) == list(PATHS)
+    alone_attention = saliency_for_completions(model64, processor, inputs, ids, attention=True).answer_attention_maps
+    for path in PATHS:
+        alone = saliency_for_completions(model64, processor, inputs, ids, path=path)
+        assert alone.answer_attention_maps is None
+        for got_maps, want_maps in zip(together[path].maps, alone.maps):
+            for got, want in zip(got_maps, want_maps):
+                torch.testing.assert_close(got, want, rtol=0, atol=0)
+        for got_maps, want_maps in zip(together[path].answer_attention_maps, alone_attention):
+            for got, want in zip(got_maps, want_maps):
+                torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="at least one saliency path"):
+        saliency_for_completions_by_path(model64, processor, inputs, ids, paths=())

@@ -60,6 +60,11 @@ class ModelAdapter(ABC):
 
     @property
     @abstractmethod
+    def vision_encoder(self) -> nn.Module:
+        """The vision tower and its merger: what turns pixels into the image tokens' embeddings."""
+
+    @property
+    @abstractmethod
     def norm_weight(self) -> torch.Tensor:
         """``gamma`` of the final norm: ``[D]``."""
 
@@ -195,6 +200,10 @@ class QwenVLAdapter(ModelAdapter):
     @property
     def attention_modules(self) -> list[nn.Module]:
         return [layer.self_attn for layer in self.text_model.layers]
+
+    @property
+    def vision_encoder(self) -> nn.Module:
+        return self.model.model.visual
 
     def o_proj_weight(self, layer: int) -> torch.Tensor:
         o_proj = self.attention_modules[layer].o_proj

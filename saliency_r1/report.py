@@ -1,0 +1,147 @@
+"""The summary of an evaluation run: per model, every rate and faithfulness figure with a 95% bootstrap
+interval over samples, as ``summary.json``, a Markdown table (``summary.md``) and a plot (``summary.png``).
+
+Intervals are percentile bootstraps (2,000 resamples of the samples, seeded), so two runs over the same
+records give the same summary.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from saliency_r1.evaluate import RATES
+from saliency_r1.faithfulness import MAP_SOURCES, REPORTED_POINTS
+
+RESAMPLES = 2_000
+FAITHFULNESS_FIGURES = ("deletion_auc", "insertion_auc") + tuple(f"{m}_{round(f * 100)}" for m, f in REPORTED_POINTS)
+
+
+def bootstrap(values, *, resamples: int = RESAMPLES, seed: int = 0, level: float = 0.95) -> dict[str, float]:
+    """``{"mean", "low", "high", "n"}``: the mean of ``values`` and its percentile bootstrap interval.
+
+    >>> bootstrap([1.0, 1.0, 1.0])
+    {'mean': 1.0, 'low': 1.0, 'high': 1.0, 'n': 3}
+    """
+    data = np.asarray(list(values), dtype=np.float64)
+    if data.size == 0:
+        return {"mean": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0}
+    rng = np.random.default_rng(seed)
+    means = data[rng.integers(0, data.size, size=(resamples, data.size))].mean(1)
+    tail = (1 - level) / 2 * 100
+    return {"mean": float(data.mean()), "low": float(np.percentile(means, tail)),
+            "high": float(np.percentile(means, 100 - tail)), "n": int(data.size)}
+
+
+def summarise_model(records: list[dict]) -> dict:
+    """The summary of one model's sample records (see :func:`saliency_r1.evaluate.evaluate_batch`)."""
+    summary: dict = {"samples": len(records)}
+    summary["rates"] = {rate: bootstrap(float(r[rate]) for r in records) for rate in RATES}
+    faithful = [r["faithfulness"] for r in records if r.get("faithfulness")]
+    if faithful:
+        summary["faithfulness"] = {
+            source: {figure: bootstrap(f[source][figure] for f in faithful) for figure in FAITHFULNESS_FIGURES}
+            for source in MAP_SOURCES}
+        summary["curves"] = {source: {mode: np.mean([f[source][mode] for f in faithful], axis=0).tolist()
+                                      for mode in ("deletion", "insertion")} for source in MAP_SOURCES}
+    sanity = [r["sanity"] for r in records if r.get("sanity")]
+    if sanity:
+        from saliency_r1.sanity import FAIL_CORRELATION
+
+        levels = list(sanity[0])  # the cascade's order
+        summary["sanity"] = {level: bootstrap(s[level] for s in sanity) for level in levels}
+        summary["sanity_passed"] = bool(summary["sanity"][levels[-1]]["mean"] < FAIL_CORRELATION)
+    return summary
+
+
+def _cell(figure: dict, scale: float = 1.0, digits: int = 3) -> str:
+    if figure["n"] == 0:
+        return "-"
+    return f"{figure['mean'] * scale:.{digits}f} [{figure['low'] * scale:.{digits}f}, {figure['high'] * scale:.{digits}f}]"
+
+
+def summary_markdown(summary: dict) -> str:
+    """The tables of ``summary.md``: the rates, a row per model; per model, faithfulness by map source."""
+    models = summary["models"]
+    lines = ["# Evaluation", "", f"Data: {summary['data']}; saliency path per model as listed. "
+             "Each cell: the mean over samples [95% bootstrap interval].", "",
+             "| model | path | samples | " + " | ".join(RATES) + " |",
+             "|---|---|---|" + "---|" * len(RATES)]
+    for name, model in models.items():
+        lines.append(f"| {name} | {model['path']} | {model['samples']} | "
+                     + " | ".join(_cell(model["rates"][rate]) for rate in RATES) + " |")
+    for name, model in models.items():
+        if "faithfulness" in model:
+            figures = FAITHFULNESS_FIGURES
+            n = model["faithfulness"][MAP_SOURCES[0]]["deletion_auc"]["n"]
+            lines += ["", f"## Faithfulness: {name}", "",
+                      f"{n} well-formed completions; the answer tokens' mean probability, teacher-forced, as "
+                      f"the top pixels are deleted (lower is more faithful) or inserted (higher is more faithful); "
+                      f"baseline {summary['faithfulness']['baseline']}; AUC over r in [0, 1]; points x100.", "",
+                      "| map | " + " | ".join(figures) + " |", "|---|" + "---|" * len(figures)]
+            for source in MAP_SOURCES:
+                cells = [_cell(model["faithfulness"][source][f], 1.0 if f.endswith("auc") else 100.0,
+                               4 if f.endswith("auc") else 2) for f in figures]
+                lines.append(f"| {source} | " + " | ".join(cells) + " |")
+        if "sanity" in model:
+            verdict = "passed" if model["sanity_passed"] else "FAILED (the maps barely change with the model)"
+            lines += ["", f"## Model randomisation: {name} ({verdict})", "",
+                      "Spearman correlation of each map with the map under randomised top language layers.", "",
+                      "| layers randomised | correlation |", "|---|---|"]
+            lines += [f"| {level.replace('_', ' ').replace('+', ' + ')} | {_cell(figure)} |"
+                      for level, figure in model["sanity"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def summary_plot(summary: dict, path: Path) -> None:
+    """``summary.png``: the rates per model with their intervals; with faithfulness, each model's mean
+    deletion and insertion curves per map source."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = summary["models"]
+    with_curves = [name for name, model in models.items() if "curves" in model]
+    columns = 1 + 2 * len(with_curves)
+    figure, axes = plt.subplots(1, columns, figsize=(5.5 * columns, 4.2), squeeze=False)
+    bars = axes[0][0]
+    width = 0.8 / max(len(models), 1)
+    for m, (name, model) in enumerate(models.items()):
+        means = [model["rates"][r]["mean"] for r in RATES]
+        errors = [[mean - model["rates"][r]["low"] for r, mean in zip(RATES, means)],
+                  [model["rates"][r]["high"] - mean for r, mean in zip(RATES, means)]]
+        bars.bar(np.arange(len(RATES)) + m * width, means, width, yerr=errors, capsize=3, label=_short(name))
+    bars.set_xticks(np.arange(len(RATES)) + width * (len(models) - 1) / 2, [r.replace("_", " ") for r in RATES])
+    bars.set_ylim(0, 1.05)
+    bars.set_title("rates (95% bootstrap intervals)")
+    bars.legend(fontsize=8)
+    fractions = summary.get("faithfulness", {}).get("fractions")
+    for k, name in enumerate(with_curves):
+        for j, mode in enumerate(("deletion", "insertion")):
+            axis = axes[0][1 + 2 * k + j]
+            for source in MAP_SOURCES:
+                axis.plot(fractions, models[name]["curves"][source][mode], marker=".", label=source,
+                          linestyle="--" if source in ("random", "gaussian") else "-")
+            axis.set_xlabel("fraction of pixels " + ("deleted" if mode == "deletion" else "inserted"))
+            axis.set_ylabel("answer probability")
+            axis.set_title(f"{mode}: {_short(name)}")
+            axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _short(name: str, width: int = 32) -> str:
+    return name if len(name) <= width else "..." + name[-(width - 3):]
+
+
+def write_summary(out: Path, summary: dict) -> dict[str, Path]:
+    """Writes ``summary.json``, ``summary.md`` and ``summary.png`` into ``out``; returns their paths."""
+    paths = {"json": out / "summary.json", "markdown": out / "summary.md", "plot": out / "summary.png"}
+    paths["json"].write_text(json.dumps(summary, indent=2))
+    paths["markdown"].write_text(summary_markdown(summary))
+    summary_plot(summary, paths["plot"])
+    return paths
