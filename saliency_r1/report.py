@@ -16,6 +16,9 @@ from saliency_r1.evaluate import RATES
 from saliency_r1.faithfulness import MAP_SOURCES, REPORTED_POINTS
 
 RESAMPLES = 2_000
+OUR_SOURCES = ("cot", "direct", "both")
+CONTROLS = ("random", "attention")
+"""Each of our maps is compared with these on the same samples (paired differences of the AUCs)."""
 FAITHFULNESS_FIGURES = ("deletion_auc", "insertion_auc") + tuple(f"{m}_{round(f * 100)}" for m, f in REPORTED_POINTS)
 
 
@@ -44,6 +47,10 @@ def summarise_model(records: list[dict]) -> dict:
         summary["faithfulness"] = {
             source: {figure: bootstrap(f[source][figure] for f in faithful) for figure in FAITHFULNESS_FIGURES}
             for source in MAP_SOURCES}
+        summary["faithfulness_paired"] = {
+            source: {f"{figure} - {control}": bootstrap(f[source][figure] - f[control][figure] for f in faithful)
+                     for control in CONTROLS for figure in ("deletion_auc", "insertion_auc")}
+            for source in OUR_SOURCES}
         summary["curves"] = {source: {mode: np.mean([f[source][mode] for f in faithful], axis=0).tolist()
                                       for mode in ("deletion", "insertion")} for source in MAP_SOURCES}
     sanity = [r["sanity"] for r in records if r.get("sanity")]
@@ -85,10 +92,18 @@ def summary_markdown(summary: dict) -> str:
                 cells = [_cell(model["faithfulness"][source][f], 1.0 if f.endswith("auc") else 100.0,
                                4 if f.endswith("auc") else 2) for f in figures]
                 lines.append(f"| {source} | " + " | ".join(cells) + " |")
+            paired = model["faithfulness_paired"]
+            columns = list(paired[OUR_SOURCES[0]])
+            lines += ["", "Paired differences on the same samples (a faithful map: deletion AUC below the controls', "
+                      "negative; insertion AUC above, positive):", "",
+                      "| map | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+            for source in OUR_SOURCES:
+                lines.append(f"| {source} | " + " | ".join(_cell(paired[source][c], digits=4) for c in columns) + " |")
         if "sanity" in model:
             verdict = "passed" if model["sanity_passed"] else "FAILED (the maps barely change with the model)"
             lines += ["", f"## Model randomisation: {name} ({verdict})", "",
-                      "Spearman correlation of each map with the map under randomised top language layers.", "",
+                      "Spearman correlation of each map with the map of the same completion after the model's top "
+                      "language layers, then all of them, then the vision encoder too, are randomised.", "",
                       "| layers randomised | correlation |", "|---|---|"]
             lines += [f"| {level.replace('_', ' ').replace('+', ' + ')} | {_cell(figure)} |"
                       for level, figure in model["sanity"].items()]
@@ -105,15 +120,15 @@ def summary_plot(summary: dict, path: Path) -> None:
 
     models = summary["models"]
     with_curves = [name for name, model in models.items() if "curves" in model]
-    columns = 1 + 2 * len(with_curves)
-    figure, axes = plt.subplots(1, columns, figsize=(5.5 * columns, 4.2), squeeze=False)
-    bars = axes[0][0]
+    figure = plt.figure(figsize=(12, 4.2 * (1 + len(with_curves))))
+    grid = figure.add_gridspec(1 + len(with_curves), 2)
+    bars = figure.add_subplot(grid[0, :])
     width = 0.8 / max(len(models), 1)
     for m, (name, model) in enumerate(models.items()):
         means = [model["rates"][r]["mean"] for r in RATES]
         errors = [[mean - model["rates"][r]["low"] for r, mean in zip(RATES, means)],
                   [model["rates"][r]["high"] - mean for r, mean in zip(RATES, means)]]
-        bars.bar(np.arange(len(RATES)) + m * width, means, width, yerr=errors, capsize=3, label=_short(name))
+        bars.bar(np.arange(len(RATES)) + m * width, means, width, yerr=errors, capsize=3, label=_short(name, 60))
     bars.set_xticks(np.arange(len(RATES)) + width * (len(models) - 1) / 2, [r.replace("_", " ") for r in RATES])
     bars.set_ylim(0, 1.05)
     bars.set_title("rates (95% bootstrap intervals)")
@@ -121,12 +136,12 @@ def summary_plot(summary: dict, path: Path) -> None:
     fractions = summary.get("faithfulness", {}).get("fractions")
     for k, name in enumerate(with_curves):
         for j, mode in enumerate(("deletion", "insertion")):
-            axis = axes[0][1 + 2 * k + j]
+            axis = figure.add_subplot(grid[1 + k, j])
             for source in MAP_SOURCES:
                 axis.plot(fractions, models[name]["curves"][source][mode], marker=".", label=source,
                           linestyle="--" if source in ("random", "gaussian") else "-")
             axis.set_xlabel("fraction of pixels " + ("deleted" if mode == "deletion" else "inserted"))
-            axis.set_ylabel("answer probability")
+            axis.set_ylabel("answer probability (mean)")
             axis.set_title(f"{mode}: {_short(name)}")
             axis.legend(fontsize=8)
     figure.tight_layout()
