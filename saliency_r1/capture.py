@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -116,14 +116,22 @@ class SaliencyCapture:
         first_row: absolute position of the first row to record (``P - 1``: the last prompt row).
         num_rows: how many rows to record (teacher-forced: the completion length); ``None`` records
             every row from ``first_row`` on (generation: each decode step's row).
+        on_layer: a fused forward's consumer: called inside each language layer's attention with
+            ``(layer, queries [B, H, R, d], lse [B, H, R], keys, values [B, H_kv, S, d])`` of the recorded rows,
+            which are then dropped, not kept (no cache is needed: ``use_cache=False`` works). Needs
+            ``num_rows`` (one teacher-forced forward); only the final norm's RMS is kept (:meth:`rms`).
     """
 
-    def __init__(self, adapter: ModelAdapter, *, first_row: int, num_rows: int | None = None) -> None:
+    def __init__(self, adapter: ModelAdapter, *, first_row: int, num_rows: int | None = None,
+                 on_layer: Callable[..., None] | None = None) -> None:
         if first_row < 0:
             raise ValueError(f"first_row must be >= 0, got {first_row}")
         if num_rows is not None and num_rows < 1:
             raise ValueError(f"num_rows must be >= 1 or None, got {num_rows}")
+        if on_layer is not None and num_rows is None:
+            raise ValueError("on_layer (a fused forward) needs num_rows: every recorded row in one forward")
         self.adapter = adapter
+        self.on_layer = on_layer
         self.first_row = first_row
         self.num_rows = num_rows
         self._layer_of = {id(module): layer for layer, module in enumerate(adapter.attention_modules)}
@@ -147,7 +155,7 @@ class SaliencyCapture:
 
     def record_attention(self, module: nn.Module, query: torch.Tensor, key: torch.Tensor,
                          attention_mask: torch.Tensor | None, scaling: float, sliding_window: int | None = None,
-                         lse: torch.Tensor | None = None) -> None:
+                         lse: torch.Tensor | None = None, value: torch.Tensor | None = None) -> None:
         """Keep ``query`` (and the LSE) of the rows to record, for the language layer ``module`` belongs to.
 
         Args:
@@ -158,6 +166,7 @@ class SaliencyCapture:
             scaling: softmax scale.
             sliding_window: the layer's window, if any (its LSEs are then never deferred).
             lse: ``[B, H, q]`` the LSEs of this call's rows as the attention kernel returned them, if it did.
+            value: ``[B, H_kv, k, d]`` the call's values (read by ``on_layer`` only).
         """
         layer = self._layer_of.get(id(module))
         if layer is None:
@@ -187,6 +196,11 @@ class SaliencyCapture:
         if attention_mask is not None:
             mask = attention_mask.index_select(-2, index) if attention_mask.shape[-2] > 1 else attention_mask
         self._lse[layer].append(_row_lse(q_rows, key.detach(), mask, scaling, index + (kv_len - q_len)))
+        if self.on_layer is not None:
+            if rows.stop - rows.start != self.num_rows:
+                raise RuntimeError(f"a fused forward must hold all {self.num_rows} recorded rows in one call, got "
+                                   f"{rows.stop - rows.start}: run one teacher-forced forward from an empty cache")
+            self.on_layer(layer, self._queries[layer].pop(), self._lse[layer].pop(), key.detach(), value.detach())
 
     def record_norm(self, hidden: torch.Tensor) -> None:
         """Keep ``sqrt(mean(x^2) + eps)`` of the recorded rows of ``hidden`` (``[B, q, D]``, the final norm's input)."""
@@ -200,6 +214,12 @@ class SaliencyCapture:
         if x.dtype != torch.float64:
             x = x.float()
         self._rms.append(x.pow(2).mean(-1).add_(self._norm_eps).sqrt_())
+
+    def rms(self) -> torch.Tensor:
+        """``[B, R]`` the final norm's RMS at the recorded rows (all a fused forward keeps)."""
+        if not self._rms:
+            raise RuntimeError("the capture recorded no final-norm input: run the model inside capture_saliency(...)")
+        return torch.cat(self._rms, dim=1) if len(self._rms) > 1 else self._rms[0]
 
     def result(self) -> CapturedRows:
         """Everything recorded so far, stacked over rows (deferred decode-row LSEs are computed here)."""
@@ -336,7 +356,7 @@ def saliency_capture_attention(module: nn.Module, query: torch.Tensor, key: torc
     scaling = kwargs.get("scaling")
     capture.record_attention(module, query, key, attention_mask,
                              scaling if scaling is not None else query.shape[-1] ** -0.5,
-                             kwargs.get("sliding_window"), lse)
+                             kwargs.get("sliding_window"), lse, value)
     return output
 
 
@@ -369,7 +389,8 @@ def text_attention(model: nn.Module, implementation: str, adapter: ModelAdapter 
 
 @contextlib.contextmanager
 def capture_saliency(model: nn.Module, *, first_row: int, num_rows: int | None = None,
-                     adapter: ModelAdapter | None = None) -> Iterator[SaliencyCapture]:
+                     adapter: ModelAdapter | None = None,
+                     on_layer: Callable[..., None] | None = None) -> Iterator[SaliencyCapture]:
     """Record queries, LSEs and final-norm RMS of the completion rows while the block runs ``model``.
 
     Args:
@@ -379,6 +400,7 @@ def capture_saliency(model: nn.Module, *, first_row: int, num_rows: int | None =
         num_rows: rows to record for a teacher-forced forward (the completion length ``C``); ``None``
             (generation) records the prefill's last row and every decode step's row.
         adapter: defaults to ``get_adapter(model)``.
+        on_layer: see :class:`SaliencyCapture` (a fused forward: each layer consumed inside its attention).
 
     Yields:
         the :class:`SaliencyCapture`; call ``.result()`` after the model ran. Run the model from an
@@ -386,7 +408,7 @@ def capture_saliency(model: nn.Module, *, first_row: int, num_rows: int | None =
     """
     adapter = adapter or get_adapter(model)
     register_capture_attention()
-    capture = SaliencyCapture(adapter, first_row=first_row, num_rows=num_rows)
+    capture = SaliencyCapture(adapter, first_row=first_row, num_rows=num_rows, on_layer=on_layer)
     hook = adapter.final_norm.register_forward_hook(lambda _module, args, _output: capture.record_norm(args[0]))
     token = _ACTIVE.set(capture)
     try:

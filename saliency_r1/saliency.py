@@ -6,7 +6,9 @@ Three entry points:
   and the cache the model returned, the maps of every rollout (for a caller that runs its own forward);
 - :func:`generate_with_saliency`: capture during ``generate``;
 - :func:`saliency_for_completions`: one teacher-forced forward over completions generated elsewhere
-  (vLLM, a file).
+  (vLLM, a file);
+- :func:`saliency_fused_forward`: the same forward with each layer's part computed inside its attention
+  call and nothing kept, no cache; it returns the completion's log-probs too (an old-policy pass).
 
 The last two return a :class:`RolloutSaliency`. The maps are ``S(i)`` of ``docs/method.md`` section 3:
 summed over layers (one batched ``layer_saliency`` call per layer for all rollouts), heads and answer
@@ -33,7 +35,7 @@ from saliency_r1.spans import Spans, end_of_turn_ids, find_spans, trim_completio
 
 
 __all__ = ["PATHS", "RolloutSaliency", "generate_with_saliency", "saliency_for_completions",
-           "saliency_for_completions_by_path", "saliency_from_capture"]
+           "saliency_for_completions_by_path", "saliency_from_capture", "saliency_fused_forward"]
 
 
 @dataclass
@@ -64,6 +66,8 @@ class RolloutSaliency:
         answer_attention_maps: with ``attention``: per rollout, per image, ``[h', w']``: the answer rows'
             attention on the image averaged over layers, heads and answer tokens (the raw-attention map
             that faithfulness compares against, ``docs/method.md`` section 8); else ``None``.
+        completion_logps: from :func:`saliency_fused_forward`: ``[B, C]`` float32 log-probs of the (right-padded)
+            completion tokens at the given temperature, from the same forward; else ``None``.
         path: the op path used (``"cot"``, ``"direct"`` or ``"both"``).
         non_finite: bool ``[B]`` on the maps' device: the rollouts made invalid by a NaN or inf among what the
             saliency read (queries, log-sum-exps, keys, values, the final norm's RMS) or in its sum.
@@ -84,6 +88,7 @@ class RolloutSaliency:
     think_token_logit_maps: list[list[torch.Tensor]] | None = None
     answer_to_think: list[torch.Tensor] | None = None
     answer_attention_maps: list[list[torch.Tensor]] | None = None
+    completion_logps: torch.Tensor | None = None
     non_finite: torch.Tensor | None = None
     path: str = "cot"
     timings: dict[str, float] = field(default_factory=dict)
@@ -249,12 +254,50 @@ def saliency_from_capture(model: nn.Module, processor, captured: CapturedRows, c
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     started = time.perf_counter()
     adapter = adapter or get_adapter(model)
+    if captured.first_row != prompt_length - 1:
+        raise ValueError(f"the capture starts at row {captured.first_row}, expected prompt_length - 1 = "
+                         f"{prompt_length - 1}")
+    plan = _plan(adapter, processor, sequences, prompt_length, prompt_ids, image_grid_thw, captured.num_rows,
+                 captured.rms.device, completion_ids=completion_ids, spans=spans)
+    maps = _LayerSum(adapter, plan, path, details=details, attention=attention, rms=captured.rms)
+    for layer in range(adapter.num_layers):
+        keys, values = adapter.layer_kv(cache, layer)
+        maps.add(layer, captured.queries[layer], captured.lse[layer], keys, values)
+    result = maps.finish(sequences)
+    result.timings["saliency"] = time.perf_counter() - started
+    result.captured_bytes = captured.nbytes()
+    return result
+
+
+@dataclass
+class _Plan:
+    """What the saliency reads, found on the host once per batch: per rollout its completion, spans, text and
+    image grids, and the padded row indices of its answer rows, think rows and image keys on the device."""
+
+    prompt_length: int
+    completions: list[list[int]]
+    spans: list[Spans]
+    texts: list[str]
+    grids: list[list[tuple[int, int]]]
+    lengths_host: list[tuple[int, int, int]]  # per rollout: image tokens, think tokens, answer tokens
+    lengths: torch.Tensor  # the same, [B, 3] on the device
+    answer_rows: torch.Tensor  # [B, A] recorded row of each answer token (row k predicts completion token k)
+    answer_ids: torch.Tensor  # [B, A]
+    think_rows: torch.Tensor  # [B, T] recorded row of each think token (token k sits at row k + 1)
+    predicted: torch.Tensor  # [B, T] the token each think row predicted
+    image_index: torch.Tensor  # [B, N] absolute positions of the image tokens
+
+
+def _plan(adapter: ModelAdapter, processor, sequences: torch.Tensor, prompt_length: int, prompt_ids: torch.Tensor,
+          image_grid_thw: torch.Tensor | None, num_rows: int, device, *,
+          completion_ids: Sequence[Sequence[int] | torch.Tensor] | None = None,
+          spans: Sequence[Spans] | None = None) -> _Plan:
+    """The :class:`_Plan` of a batch (see :func:`saliency_from_capture` for the arguments); ``num_rows`` is how
+    many completion rows were (or will be) recorded."""
     tokenizer = _tokenizer(processor)
     batch, P = sequences.shape[0], prompt_length
-    if captured.first_row != P - 1:
-        raise ValueError(f"the capture starts at row {captured.first_row}, expected prompt_length - 1 = {P - 1}")
     # The step's one read from the device: the token ids (spans and texts are found on the host) and the
-    # image grids, in one copy. Everything below is queued on the device without waiting for it.
+    # image grids, in one copy. Everything after the plan is queued on the device without waiting for it.
     host_sequences, host_prompts, host_grids = _to_host(sequences, prompt_ids, image_grid_thw)
     stops = end_of_turn_ids(tokenizer)
     if completion_ids is None:
@@ -266,14 +309,11 @@ def saliency_from_capture(model: nn.Module, processor, captured: CapturedRows, c
         raise ValueError(f"spans has {len(spans)} entries for {batch} rollouts")
     texts = tokenizer.batch_decode(completions, skip_special_tokens=False, clean_up_tokenization_spaces=False)
     image_pos, grids = _split_images(adapter, host_prompts, host_grids, batch)
-
-    rows = captured.num_rows
-    device = captured.rms.device
     vocab = adapter.unembedding.shape[0]
     for b, s in enumerate(spans):  # every index the op will read must have been recorded, every id be a token
-        if s.valid and (max(s.answer) >= rows or (s.think and max(s.think) + 1 >= rows)):
+        if s.valid and (max(s.answer) >= num_rows or (s.think and max(s.think) + 1 >= num_rows)):
             raise ValueError(f"rollout {b}: its spans reach completion token {max(s.answer + s.think)}, but the "
-                             f"capture recorded {rows} rows")
+                             f"capture recorded {num_rows} rows")
         if s.valid and not all(0 <= completions[b][k] < vocab for k in s.answer + s.think):
             raise ValueError(f"rollout {b}: its completion holds token ids outside the model's vocabulary [0, {vocab})")
     answer_lists = [s.answer if s.valid else [] for s in spans]
@@ -283,96 +323,135 @@ def saliency_from_capture(model: nn.Module, processor, captured: CapturedRows, c
     answer_rows, answer_ids = _pad_index(answer_lists, device, [[c[k] for k in a] for c, a in zip(completions, answer_lists)])
     think_rows, predicted = _pad_index(think_lists, device, [[c[r] for r in t] for c, t in zip(completions, think_lists)])
     image_index, _ = _pad_index(image_lists, device)
-    think_pos = think_rows + (P - 1)  # think row r (= k + 1) is position P - 1 + r = P + k
     lengths = torch.tensor(lengths_host, dtype=torch.long).reshape(batch, 3).to(device)
+    return _Plan(prompt_length=P, completions=completions, spans=list(spans), texts=texts, grids=grids,
+                 lengths_host=lengths_host, lengths=lengths, answer_rows=answer_rows, answer_ids=answer_ids,
+                 think_rows=think_rows, predicted=predicted, image_index=image_index)
 
-    # The projections and attention probabilities below are float32 (float64) work: a caller's bf16
-    # autocast (the training loop's, evaluation's) would run their matmuls in bf16.
-    with torch.autocast(device.type, enabled=False):
-        # g_a once per batch; u = W_O[l,h]^T g_a per layer.
-        rms_answer = captured.rms.gather(1, answer_rows)
-        g = answer_logit_directions(adapter.norm_weight, adapter.unembedding, answer_ids, rms_answer,
-                                    check_ids=False)  # checked on the host above
-        if details:
-            # The think row r predicted completion token r: its own "answer" for the logit-decomposed map.
-            g_think = answer_logit_directions(adapter.norm_weight, adapter.unembedding, predicted,
-                                              captured.rms.gather(1, think_rows), check_ids=False)
-            think_lengths = lengths[:, [0, 1, 1]]
-        take_answer, take_think = _RowTaker(answer_rows), _RowTaker(think_rows)
-        take_think_key, take_image = _RowTaker(think_pos), _RowTaker(image_index)
-        scale = adapter.scale
-        total = think_image = think_logit = answer_think = answer_image = None
+
+class _LayerSum:
+    """The maps of a batch, summed over layers: :meth:`add` one layer's recorded rows with its keys and values
+    (one ``layer_saliency`` call for all rollouts), then :meth:`finish`.
+
+    With ``rms`` (``[B, R]``, the final norm's RMS at the recorded rows) the logit directions carry it from
+    the start; with ``rms=None`` (a fused forward, where the layers run before the final norm) they leave it
+    out and :meth:`finish` takes it: every map is linear in each answer row's ``1 / rms(x_a)``.
+    """
+
+    def __init__(self, adapter: ModelAdapter, plan: _Plan, path: str, *, details: bool = False,
+                 attention: bool = False, rms: torch.Tensor | None = None) -> None:
+        self.adapter, self.plan, self.path, self.details, self.attention = adapter, plan, path, details, attention
+        device = plan.lengths.device
+        unit = None if rms is not None else torch.ones(plan.answer_rows.shape, device=device,
+                                                       dtype=adapter.norm_weight.dtype
+                                                       if adapter.norm_weight.dtype == torch.float64 else torch.float32)
+        with torch.autocast(device.type, enabled=False):
+            self.rms_answer = rms.gather(1, plan.answer_rows) if rms is not None else None
+            # g_a once per batch; u = W_O^T g_a per layer (check_ids=False: checked on the host by the plan).
+            self.g = answer_logit_directions(adapter.norm_weight, adapter.unembedding, plan.answer_ids,
+                                             self.rms_answer if rms is not None else unit, check_ids=False)
+            if details:
+                # The think row r predicted completion token r: its own "answer" for the logit-decomposed map.
+                rms_think = rms.gather(1, plan.think_rows) if rms is not None else torch.ones(
+                    plan.think_rows.shape, device=device, dtype=unit.dtype)
+                self.g_think = answer_logit_directions(adapter.norm_weight, adapter.unembedding, plan.predicted,
+                                                       rms_think, check_ids=False)
+                self.think_lengths = plan.lengths[:, [0, 1, 1]]
+        self.take_answer, self.take_think = _RowTaker(plan.answer_rows), _RowTaker(plan.think_rows)
+        self.take_think_key = _RowTaker(plan.think_rows + (plan.prompt_length - 1))  # row r is position P - 1 + r
+        self.take_image = _RowTaker(plan.image_index)
+        self.total = self.think_image = self.think_logit = self.answer_think = self.answer_image = None
         # A rollout with a NaN or inf among what the op reads is invalid (docs/method.md section 3.3).
-        non_finite = torch.zeros(batch, dtype=torch.bool, device=device)
-        for layer in range(adapter.num_layers):
-            keys, values = adapter.layer_kv(cache, layer)
-            q, lse = captured.queries[layer], captured.lse[layer]
-            q_answer, lse_answer = take_answer(q), take_answer(lse)
-            q_think, lse_think = take_think(q), take_think(lse)
-            # Under autocast the rotary embedding promotes q and k to fp32 while v stays bf16: the op
-            # takes one dtype, the queries'.
-            k_think = take_think_key(keys).to(q.dtype)
-            k_image, v_image = take_image(keys).to(q.dtype), take_image(values).to(q.dtype)
+        self.non_finite = torch.zeros(len(plan.completions), dtype=torch.bool, device=device)
+
+    @staticmethod
+    def _sum(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
+        return part if total is None else total + part
+
+    def add(self, layer: int, q: torch.Tensor, lse: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Layer ``layer``'s part: ``q [B, H, R, d]`` and ``lse [B, H, R]`` of the recorded rows, ``keys`` and
+        ``values [B, H_kv, S, d]`` of every position."""
+        adapter, scale = self.adapter, self.adapter.scale
+        # The projections and attention probabilities are float32 (float64) work: a caller's bf16 autocast
+        # (the training loop's, evaluation's) would run their matmuls in bf16.
+        with torch.autocast(q.device.type, enabled=False):
+            q_answer, lse_answer = self.take_answer(q), self.take_answer(lse)
+            q_think, lse_think = self.take_think(q), self.take_think(lse)
+            # Under autocast the rotary embedding promotes q and k to fp32 while v stays bf16: the op takes one
+            # dtype, the queries'.
+            k_think = self.take_think_key(keys).to(q.dtype)
+            k_image, v_image = self.take_image(keys).to(q.dtype), self.take_image(values).to(q.dtype)
             o_proj = adapter.o_proj_weight(layer)
-            u = project_answer_vectors(g, o_proj, adapter.num_heads).to(q.dtype)
-            # NaN or inf in a query, key, value or projection reaches the op's output, checked below; an
+            u = project_answer_vectors(self.g, o_proj, adapter.num_heads).to(q.dtype)
+            # NaN or inf in a query, key, value or projection reaches the op's output, checked in finish(); an
             # infinite log-sum-exp would not (it turns probabilities into 0), so it is checked here.
             for read in (lse_answer, lse_think):
-                non_finite |= ~torch.isfinite(read).flatten(1).all(1)
-            s_layer = layer_saliency(q_think, lse_think, q_answer, lse_answer, k_think, k_image, v_image, u,
-                                     lengths, scale, path)
-            total = s_layer if total is None else total + s_layer
-            if details:
-                u_think = project_answer_vectors(g_think, o_proj, adapter.num_heads).to(q.dtype)
-                layer_logit = layer_saliency(q_think, lse_think, q_think, lse_think, k_think, k_image, v_image, u_think,
-                                             think_lengths, scale, "direct")
-                layer_image = _alpha_head_sum(q_think, lse_think, k_image, scale)
-                layer_think = _alpha_head_sum(q_answer, lse_answer, k_think, scale)
-                think_logit = layer_logit if think_logit is None else think_logit + layer_logit
-                think_image = layer_image if think_image is None else think_image + layer_image
-                answer_think = layer_think if answer_think is None else answer_think + layer_think
-            if attention:
-                layer_image = _alpha_head_sum(q_answer, lse_answer, k_image, scale)
-                answer_image = layer_image if answer_image is None else answer_image + layer_image
+                self.non_finite |= ~torch.isfinite(read).flatten(1).all(1)
+            self.total = self._sum(self.total, layer_saliency(q_think, lse_think, q_answer, lse_answer, k_think,
+                                                              k_image, v_image, u, self.plan.lengths, scale, self.path))
+            if self.details:
+                u_think = project_answer_vectors(self.g_think, o_proj, adapter.num_heads).to(q.dtype)
+                self.think_logit = self._sum(self.think_logit, layer_saliency(
+                    q_think, lse_think, q_think, lse_think, k_think, k_image, v_image, u_think, self.think_lengths,
+                    scale, "direct"))
+                self.think_image = self._sum(self.think_image, _alpha_head_sum(q_think, lse_think, k_image, scale))
+                self.answer_think = self._sum(self.answer_think, _alpha_head_sum(q_answer, lse_answer, k_think, scale))
+            if self.attention:
+                self.answer_image = self._sum(self.answer_image, _alpha_head_sum(q_answer, lse_answer, k_image, scale))
 
-        # ... and so is one whose sum is not finite, or whose final-norm scale is not (an infinite RMS makes
-        # g, and so the map, 0): its maps are zero, its validity 0.
-        non_finite |= ~torch.isfinite(total).flatten(1).all(1) | ~torch.isfinite(rms_answer).all(1)
-        if details:
-            non_finite |= ~(torch.isfinite(think_logit).flatten(1).all(1) & torch.isfinite(think_image).flatten(1).all(1)
-                            & torch.isfinite(answer_think).flatten(1).all(1))
-        if attention:
-            non_finite |= ~torch.isfinite(answer_image).flatten(1).all(1)
-        keep = ~non_finite[:, None, None]
-        total = total.where(keep, 0.0)
-        if details:
-            think_logit, think_image, answer_think = (x.where(keep, 0.0) for x in (think_logit, think_image, answer_think))
-        if attention:
-            answer_image = answer_image.where(keep, 0.0)
-        maps, answer_maps = [], []
-        think_maps = [] if details else None
-        think_logit_maps = [] if details else None
-        answer_to_think = [] if details else None
-        answer_attention = [] if attention else None
-        for b, (n, t, a) in enumerate(lengths_host):
-            per_token = total[b, :a, :n]
-            answer_maps.append(_per_image(per_token, grids[b]))
-            maps.append(_per_image(per_token.sum(0), grids[b]))
-            if details:
-                think_maps.append(_per_image(think_image[b, :t, :n].to(total.dtype), grids[b]))
-                think_logit_maps.append(_per_image(think_logit[b, :t, :n], grids[b]))
-                answer_to_think.append(answer_think[b, :a, :t].to(total.dtype))
-            if attention:
-                mean = answer_image[b, :a, :n].sum(0) / max(a * adapter.num_layers * adapter.num_heads, 1)
-                answer_attention.append(_per_image(mean.to(total.dtype), grids[b]))
-    valid = torch.tensor([s.valid for s in spans], dtype=torch.float32).to(device) * (~non_finite).float()
-    return RolloutSaliency(
-        sequences=sequences, prompt_length=P, completion_ids=[torch.tensor(c, dtype=torch.long) for c in completions],
-        texts=texts, maps=maps, spans=spans, valid=valid.to(sequences.device), non_finite=non_finite,
-        image_grids=grids, answer_token_maps=answer_maps, think_token_maps=think_maps,
-        think_token_logit_maps=think_logit_maps, answer_to_think=answer_to_think,
-        answer_attention_maps=answer_attention, path=path, timings={"saliency": time.perf_counter() - started},
-        captured_bytes=captured.nbytes())
+    def finish(self, sequences: torch.Tensor, rms: torch.Tensor | None = None) -> RolloutSaliency:
+        """The :class:`RolloutSaliency` of the batch; ``rms`` (``[B, R]``) when it was left out at the start."""
+        plan, adapter, non_finite = self.plan, self.adapter, self.non_finite
+        total, think_logit = self.total, self.think_logit
+        with torch.autocast(total.device.type, enabled=False):
+            rms_answer = self.rms_answer
+            if rms_answer is None:
+                rms_answer = rms.gather(1, plan.answer_rows).to(total.dtype)
+                total = total / rms_answer[:, :, None]
+                if self.details:
+                    think_logit = think_logit / rms.gather(1, plan.think_rows).to(total.dtype)[:, :, None]
+            # A rollout whose sum is not finite, or whose final-norm scale is not (an infinite RMS makes g, and so
+            # the map, 0), is invalid too: its maps are zero, its validity 0.
+            non_finite |= ~torch.isfinite(total).flatten(1).all(1) | ~torch.isfinite(rms_answer).all(1)
+            think_image, answer_think, answer_image = self.think_image, self.answer_think, self.answer_image
+            if self.details:
+                non_finite |= ~(torch.isfinite(think_logit).flatten(1).all(1)
+                                & torch.isfinite(think_image).flatten(1).all(1)
+                                & torch.isfinite(answer_think).flatten(1).all(1))
+            if self.attention:
+                non_finite |= ~torch.isfinite(answer_image).flatten(1).all(1)
+            keep = ~non_finite[:, None, None]
+            total = total.where(keep, 0.0)
+            if self.details:
+                think_logit, think_image, answer_think = (x.where(keep, 0.0)
+                                                          for x in (think_logit, think_image, answer_think))
+            if self.attention:
+                answer_image = answer_image.where(keep, 0.0)
+            maps, answer_maps = [], []
+            think_maps = [] if self.details else None
+            think_logit_maps = [] if self.details else None
+            answer_to_think = [] if self.details else None
+            answer_attention = [] if self.attention else None
+            for b, (n, t, a) in enumerate(plan.lengths_host):
+                grids = plan.grids[b]
+                per_token = total[b, :a, :n]
+                answer_maps.append(_per_image(per_token, grids))
+                maps.append(_per_image(per_token.sum(0), grids))
+                if self.details:
+                    think_maps.append(_per_image(think_image[b, :t, :n].to(total.dtype), grids))
+                    think_logit_maps.append(_per_image(think_logit[b, :t, :n], grids))
+                    answer_to_think.append(answer_think[b, :a, :t].to(total.dtype))
+                if self.attention:
+                    mean = answer_image[b, :a, :n].sum(0) / max(a * adapter.num_layers * adapter.num_heads, 1)
+                    answer_attention.append(_per_image(mean.to(total.dtype), grids))
+        device = plan.lengths.device
+        valid = torch.tensor([s.valid for s in plan.spans], dtype=torch.float32).to(device) * (~non_finite).float()
+        return RolloutSaliency(
+            sequences=sequences, prompt_length=plan.prompt_length,
+            completion_ids=[torch.tensor(c, dtype=torch.long) for c in plan.completions], texts=plan.texts, maps=maps,
+            spans=plan.spans, valid=valid.to(sequences.device), non_finite=non_finite, image_grids=plan.grids,
+            answer_token_maps=answer_maps, think_token_maps=think_maps, think_token_logit_maps=think_logit_maps,
+            answer_to_think=answer_to_think, answer_attention_maps=answer_attention, path=self.path)
 
 
 def generate_with_saliency(model: nn.Module, processor, inputs, *, adapter: ModelAdapter | None = None,
@@ -476,3 +555,65 @@ def saliency_for_completions_by_path(model: nn.Module, processor, inputs,
             result.answer_attention_maps = next(iter(results.values())).answer_attention_maps
         results[path] = result
     return results
+
+
+def saliency_fused_forward(model: nn.Module, processor, inputs,
+                           completion_ids: Sequence[Sequence[int] | torch.Tensor] | torch.Tensor, *,
+                           adapter: ModelAdapter | None = None, path: str = "cot", details: bool = False,
+                           attention: bool = False, spans: Sequence[Spans] | None = None,
+                           temperature: float = 1.0) -> RolloutSaliency:
+    """Maps and log-probs of given completions from ONE teacher-forced forward without a cache.
+
+    Inside each language layer's attention call, where its queries, keys and values are all present, the
+    layer's part of ``S(a, i)`` is computed for the whole batch and added up; nothing else is kept (no
+    queries, keys, values or cache). The final norm's ``1 / rms(x_a)``, unknown until the last layer has
+    run, is applied once at the end (the map is linear in it). The same forward gives the completion's
+    log-probs (``completion_logps``), so it can serve as GRPO's old-policy pass.
+
+    Args: as :func:`saliency_for_completions`, plus ``temperature`` of the log-probs.
+
+    Returns:
+        :class:`RolloutSaliency` equal (within floating-point tolerance) to :func:`saliency_for_completions`'s
+        for the same completions, with ``completion_logps [B, C]``.
+
+    Raises:
+        ValueError: a batch whose layout cannot be placed: prompts that are not left-padded, a completion
+            count that does not match the prompts.
+    """
+    from saliency_r1.logps import _hidden_instead_of_logits, token_logps
+
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    adapter = adapter or get_adapter(model)
+    tokenizer = _tokenizer(processor)
+    prompt_ids = inputs["input_ids"]
+    batch, P = prompt_ids.shape
+    if len(completion_ids) != batch:
+        raise ValueError(f"completion_ids has {len(completion_ids)} completions for {batch} prompts: repeat each "
+                         "prompt in inputs once per completion")
+    mask = inputs.get("attention_mask")
+    if mask is not None and not bool(mask[:, -1].all()):
+        raise ValueError("the prompts must be left-padded (every prompt's last position attended): got a prompt "
+                         "whose last position is padding; tokenize with padding_side='left'")
+    stops = end_of_turn_ids(tokenizer)
+    completions = [trim_completion(c, stops) for c in completion_ids]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    body, body_mask = pad_completions([torch.as_tensor(c, dtype=torch.long) for c in completions], pad,
+                                      prompt_ids.device)
+    width = body.shape[1]
+    forward = adapter.teacher_forced_inputs(dict(inputs), body, body_mask)
+    sequences = forward["input_ids"]
+    started = time.perf_counter()
+    device = adapter.norm_weight.device
+    plan = _plan(adapter, processor, sequences, P, prompt_ids, inputs.get("image_grid_thw"), width, device,
+                 completion_ids=completions, spans=spans)
+    layers = _LayerSum(adapter, plan, path, details=details, attention=attention)
+    with (torch.no_grad(), _hidden_instead_of_logits(adapter.model) as head,
+          capture_saliency(model, first_row=P - 1, num_rows=width, adapter=adapter, on_layer=layers.add) as capture):
+        hidden = model(**forward, use_cache=False, logits_to_keep=width + 1, saliency_capture=capture).logits[:, :-1]
+        logps = token_logps(hidden, head, body, temperature)
+    ran = time.perf_counter() - started
+    result = layers.finish(sequences, rms=capture.rms())
+    result.completion_logps = logps
+    result.timings.update(forward=ran, saliency=time.perf_counter() - started - ran)
+    return result

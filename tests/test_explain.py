@@ -427,3 +427,58 @@ def test_every_path_from_one_forward_equals_each_path_alone(processor, model64):
                 torch.testing.assert_close(got, want, rtol=0, atol=0)
     with pytest.raises(ValueError, match="at least one saliency path"):
         saliency_for_completions_by_path(model64, processor, inputs, ids, paths=())
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
+def test_fused_forward_equals_the_other_paths(family):
+    """One teacher-forced forward without a cache, each layer's part computed inside its attention call, gives
+    the maps the cached forward and the generation path give, for every path, with the details and the raw
+    attention; and the completion's log-probs of the trainer's own pass. Float64, padded batch, two images."""
+    from saliency_r1.logps import completion_logps, pad_completions
+    from saliency_r1.saliency import saliency_fused_forward
+
+    processor = family_processor(family)
+    model64 = family_model(processor, family, dtype=torch.float64, seed=1)
+    inputs, completions = _rollouts(processor)
+    ids = [c[0] for c in completions]
+    for path in PATHS:
+        cached = saliency_for_completions(model64, processor, inputs, ids, path=path, details=True, attention=True)
+        fused = saliency_fused_forward(model64, processor, inputs, ids, path=path, details=True, attention=True)
+        assert fused.valid.tolist() == cached.valid.tolist() == [1.0, 1.0, 1.0]
+        assert fused.texts == cached.texts and fused.image_grids == cached.image_grids
+        for name in ("maps", "answer_token_maps", "think_token_maps", "think_token_logit_maps", "answer_attention_maps"):
+            for got_maps, want_maps in zip(getattr(fused, name), getattr(cached, name)):
+                for got, want in zip(got_maps, want_maps):
+                    _close(got, want, max(float(want.abs().max()), 1e-12) if want.numel() else 1.0)
+        for got, want in zip(fused.answer_to_think, cached.answer_to_think):
+            _close(got, want, 1.0)
+    body, mask = pad_completions([torch.as_tensor(c) for c in ids], processor.tokenizer.pad_token_id, "cpu")
+    expected = completion_logps(model64, dict(inputs), body, mask, temperature=0.7)
+    fused = saliency_fused_forward(model64, processor, inputs, ids, temperature=0.7)
+    torch.testing.assert_close(fused.completion_logps * mask, expected * mask)
+
+
+def test_fused_forward_keeps_nothing_and_refuses_what_it_cannot_place(processor, model64, monkeypatch):
+    from saliency_r1.capture import SaliencyCapture
+    from saliency_r1.saliency import saliency_fused_forward
+
+    inputs, completions = _rollouts(processor)
+    ids = [c[0] for c in completions]
+    kept = []
+    real = SaliencyCapture.record_attention
+
+    def spying(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        kept.append(sum(len(chunks) for chunks in self._queries) + sum(len(parts) for parts in self._lse))
+
+    monkeypatch.setattr(SaliencyCapture, "record_attention", spying)
+    result = saliency_fused_forward(model64, processor, inputs, ids)
+    assert kept and set(kept) == {0}  # each layer's rows are consumed inside the call, none outlive it
+    assert result.valid.tolist() == [1.0, 1.0, 1.0]
+    right_padded = {**inputs, "attention_mask": inputs["attention_mask"].flip(-1)}
+    with pytest.raises(ValueError, match="left-padded"):
+        saliency_fused_forward(model64, processor, right_padded, ids)
+    with pytest.raises(ValueError, match="2 completions for 3 prompts"):
+        saliency_fused_forward(model64, processor, inputs, ids[:2])
+    with pytest.raises(ValueError, match="path must be one of"):
+        saliency_fused_forward(model64, processor, inputs, ids, path="sideways")
