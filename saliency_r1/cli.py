@@ -46,92 +46,94 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
-    from saliency_r1.evaluation_run import ModelRun, prepare_out_folder, run_evaluation
+    from saliency_r1.evaluation_run import ModelRun, model_key, prepare_out_folder, run_evaluation
     from saliency_r1.faithfulness import FaithfulnessOptions
     from saliency_r1.models import resolve_model
     from saliency_r1.prompts import system_prompt_or_default
 
-    # Everything that can be checked without weights is checked first: the models, the data, the output folder.
-    if len(set(args.models)) != len(args.models):
-        raise ConfigError("a MODEL is named twice")
+    # Everything that can be checked without weights is checked first: the models (their families and
+    # processors), the data, the output folder.
+    keys = [model_key(reference) for reference in args.models]
+    if len(set(keys)) != len(keys):
+        raise ConfigError("a MODEL is named twice (" + ", ".join(r for r, k in zip(args.models, keys)
+                                                                    if keys.count(k) > 1) + ")")
     sources = [resolve_model(reference) for reference in args.models]
+    processors = []
     for source in sources:
         source.check_family()
+        processors.append(source.checked_processor())
     device, dtype = _device_and_dtype(args)
     state = PartialState(cpu=device == "cpu")  # on the CPU, torchrun's processes join a gloo group only when asked
     if state.num_processes > 1 and device == "cuda":
         device = str(state.device)
-    dataset, data_name = _evaluation_data(args, sources)
+    dataset, data_name, skipped = _evaluation_data(args, sources, processors[0], quiet=not state.is_main_process)
     count = len(dataset) if args.limit is None else min(args.limit, len(dataset))
-    faithfulness = FaithfulnessOptions(steps=args.steps, baseline=args.baseline, seed=args.seed) if args.faithfulness \
-        else None
-    settings = {"data": data_name, "path": args.path, "max_new_tokens": args.max_new_tokens,
-                "system_prompt": args.system_prompt, "sanity": args.sanity,
-                "faithfulness": None if faithfulness is None else {"steps": faithfulness.steps,
-                                                                   "baseline": faithfulness.baseline,
-                                                                   "seed": faithfulness.seed},
-                "models": args.models, "limit": args.limit}
-    out = Path(args.out)
-    prepare_out_folder(out, settings, resume=args.resume, write=False)  # every process, before any writes
-    state.wait_for_everyone()
-    if state.is_main_process:
-        prepare_out_folder(out, settings, resume=True)
+    faithfulness = FaithfulnessOptions(steps=args.steps, baseline=args.baseline, seed=args.seed,
+                                       batch_size=args.faithfulness_batch_size) if args.faithfulness else None
     runs = [ModelRun(reference=reference, source=source, path=args.path or source.saliency_path,
                      max_new_tokens=args.max_new_tokens or source.max_new_tokens,
                      system_prompt=system_prompt_or_default(args.system_prompt if args.system_prompt is not None
                                                             else source.system_prompt))
             for reference, source in zip(args.models, sources)]
+    settings = {"data": data_name, "dtype": str(dtype).removeprefix("torch."), "sanity": args.sanity,
+                "seed": args.seed if (args.sanity or args.faithfulness) else None,
+                "faithfulness": None if faithfulness is None else {"steps": faithfulness.steps,
+                                                                   "baseline": faithfulness.baseline},
+                "models": {key: run.settings() for key, run in zip(keys, runs)}}
+    out = Path(args.out)
+    prepare_out_folder(out, settings, resume=args.resume, write=False)  # every process, before any writes
+    state.wait_for_everyone()
+    if state.is_main_process:
+        prepare_out_folder(out, settings, resume=True)
     summary = run_evaluation(runs, dataset, count=count, out=out, data_name=data_name,
                              options_extra={"faithfulness": faithfulness, "sanity": args.sanity, "seed": args.seed},
-                             batch_size=args.batch_size, device=device, dtype=dtype)
+                             batch_size=args.batch_size, device=device, dtype=dtype, skipped=skipped)
     if state.is_main_process:
         print((out / "summary.md").read_text())
         for name, path in summary["files"].items():
             print(f"{name + ':':<10}{path}")
-        for run in runs:
-            from saliency_r1.evaluation_run import samples_file
-
-            print(f"samples:  {samples_file(out, run.reference)}")
+        for model in summary["models"].values():
+            print(f"samples:  {out / model['samples_file']}")
     return 0
 
 
-def _evaluation_data(args: argparse.Namespace, sources) -> tuple:
-    """``(dataset, name)``: ``--data``, ``--synthetic N``, or the held-out set of the first checkpoint of train."""
+def _evaluation_data(args: argparse.Namespace, sources, processor, *, quiet: bool = False) -> tuple:
+    """``(dataset, name, skipped)``: ``--data``, ``--synthetic N``, or the held-out set of the first checkpoint
+    of train; the name identifies the data (a resumed run must name the same), ``skipped`` counts bad records."""
     from saliency_r1.data.synthetic import SyntheticConfig, SyntheticGroundedVQA
     from saliency_r1.grpo.config import TrainConfig
 
     run_config = next((s.run_config for s in sources if s.run_config is not None), None)
-    if args.data:
+    data, flag = args.data, "--data"
+    if not data and not args.synthetic:
+        if run_config is None:
+            raise ConfigError("no data: pass --data PATH or --synthetic N (only a checkpoint of train brings its own "
+                              "held-out set)")
+        if run_config.data is not None and not run_config.eval_data:
+            raise ConfigError(f"{sources[0].reference}: its run had no held-out data: pass --data or --synthetic N")
+        data, flag = run_config.eval_data, f"{sources[0].reference}'s held-out data ({run_config.eval_data})"
+    if data:
         from saliency_r1.data.loader import load_saliency_data
         from saliency_r1.models import image_check
 
-        if not Path(args.data).exists():
-            raise ConfigError(f"--data {args.data}: no such file or directory")
-        max_side = run_config.max_image_side if run_config is not None else TrainConfig().max_image_side
-        dataset = load_saliency_data(args.data, max_image_side=max_side, check_image=image_check(sources[0].processor()))
+        if not Path(data).exists():
+            raise ConfigError(f"{flag}: no such file or directory: {data}")
+        try:  # every image the processor takes is evaluated: the size cap is a training filter (public setup)
+            dataset = load_saliency_data(data, max_image_side=None, check_image=image_check(processor))
+        except ValueError as error:
+            raise ConfigError(f"{flag}: {error}") from None
         if len(dataset) == 0:
-            raise ConfigError(f"--data {args.data}: no usable records ({len(dataset.skipped)} skipped, the reasons "
-                              "logged)")
-        if dataset.skipped:
-            print(f"--data {args.data}: {len(dataset.skipped)} bad records skipped (the reasons logged), "
-                  f"{len(dataset)} kept", file=sys.stderr)
-        return dataset, str(args.data)
-    if args.synthetic:
-        cfg = run_config or TrainConfig()
-        drawing = SyntheticConfig(image_size=cfg.image_size, num_objects=cfg.num_objects,
-                                  questions=cfg.synthetic_questions)
-        return (SyntheticGroundedVQA(args.synthetic, seed=cfg.eval_seed, config=drawing),
-                f"synthetic: {args.synthetic} images, seed {cfg.eval_seed}")
-    if run_config is None:
-        raise ConfigError("no data: pass --data PATH or --synthetic N (only a checkpoint of train brings its own "
-                          "held-out set)")
-    if run_config.data is not None and not run_config.eval_data:
-        raise ConfigError(f"{sources[0].reference}: its run had no held-out data: pass --data or --synthetic N")
-    from saliency_r1.data.sets import load_data
-
-    _, dataset = load_data(run_config, sources[0].processor())
-    name = run_config.eval_data or f"synthetic: {run_config.eval_size} images, seed {run_config.eval_seed}"
-    return dataset, name
+            raise ConfigError(f"{flag}: no usable records ({len(dataset.skipped)} skipped, the reasons logged)")
+        if dataset.skipped and not quiet:
+            print(f"{flag}: {len(dataset.skipped)} bad records skipped (the reasons logged), {len(dataset)} kept",
+                  file=sys.stderr)
+        return dataset, str(Path(data).resolve()), len(dataset.skipped)
+    cfg = run_config or TrainConfig()
+    drawing = SyntheticConfig(image_size=cfg.image_size, num_objects=cfg.num_objects, questions=cfg.synthetic_questions)
+    size = args.synthetic or cfg.eval_size
+    name = (f"synthetic held-out set: seed {cfg.eval_seed}, {drawing.image_size} px, {drawing.num_objects} objects, "
+            f"{drawing.questions} questions")
+    return SyntheticGroundedVQA(size, seed=cfg.eval_seed, config=drawing), name, 0
 
 
 def _device_and_dtype(args: argparse.Namespace) -> tuple:
@@ -258,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser(
         "evaluate", help="accuracy, pointing game and saliency-in-box of one or more models; faithfulness of the maps",
         description="Evaluate models on the same held-out samples: writes samples-<model>.jsonl (one record a sample), "
-                    "summary.md, summary.json and summary.png (95%% bootstrap intervals) into --out. Under torchrun "
+                    "summary.md, summary.json and summary.png (95% intervals) into --out. Under torchrun "
                     "or accelerate launch each process takes a shard.")
     evaluate.add_argument("models", nargs="+", metavar="MODEL",
                           help="a Hugging Face model (local folder or hub id) of a supported family, a peft LoRA adapter "
@@ -272,13 +274,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--resume", action="store_true",
                           help="continue the evaluation in --out: samples already written are skipped")
     evaluate.add_argument("--limit", type=_positive_int, default=None, help="evaluate the first N records")
-    evaluate.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per generation call")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per generation call (default 8)")
     evaluate.add_argument("--faithfulness", action="store_true",
                           help="deletion and insertion curves of every map source (docs/method.md section 8)")
     evaluate.add_argument("--steps", type=_positive_int, default=16,
                           help="faithfulness grid: r = i/steps, plus 0.05, 0.15 and 0.30 (default 16)")
     evaluate.add_argument("--baseline", choices=("black", "mean", "blur"), default="black",
-                          help="what deleted pixels become (default black)")
+                          help="what deleted pixels become, and what inserted pixels are laid over (default black)")
+    evaluate.add_argument("--faithfulness-batch-size", type=_positive_int, default=32,
+                          help="perturbed images per teacher-forced forward (default 32; lower it for memory)")
     evaluate.add_argument("--sanity", action="store_true",
                           help="the model-randomisation check: rank correlation of the maps with those under "
                                "randomised top layers")
@@ -311,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
         return {"train": _train, "evaluate": _evaluate, "explain": _explain}[args.command](args)
     except (ConfigError, FileNotFoundError) as error:  # input that cannot work: a usage error, not a traceback
         parser.exit(2, f"saliency-r1 {args.command}: error: {error}\n")
+    except KeyboardInterrupt:
+        hint = " (rerun with --resume to continue: what was written is kept)" if args.command == "evaluate" else ""
+        parser.exit(130, f"saliency-r1 {args.command}: interrupted{hint}\n")
 
 
 if __name__ == "__main__":

@@ -248,6 +248,19 @@ class ModelSource:
             adapter_class(self.config.model_type)
         except ValueError as error:
             raise ConfigError(f"{self.reference}: {error}") from None
+        except OSError as error:  # a hub id that is not on the hub, or no network to reach it
+            raise ConfigError(f"{self.reference}: not a local folder, and its configuration could not be read from "
+                              f"the hub ({type(error).__name__}: {str(error).splitlines()[0]})") from None
+
+    def checked_processor(self):
+        """:meth:`processor`, with a processor that cannot load reported as a usage error naming the model."""
+        from saliency_r1.errors import ConfigError
+
+        try:
+            return self.processor()
+        except (OSError, ValueError, TypeError, ImportError) as error:
+            raise ConfigError(f"{self.reference}: its processor cannot be loaded ({type(error).__name__}: "
+                              f"{str(error).splitlines()[0] if str(error) else ''})") from None
 
 
 def _tiny_config(cfg):

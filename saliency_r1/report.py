@@ -1,8 +1,10 @@
-"""The summary of an evaluation run: per model, every rate and faithfulness figure with a 95% bootstrap
-interval over samples, as ``summary.json``, a Markdown table (``summary.md``) and a plot (``summary.png``).
+"""The summary of an evaluation run: per model, every rate and faithfulness figure with a 95% interval
+over samples, as ``summary.json``, a Markdown table (``summary.md``) and a plot (``summary.png``).
 
-Intervals are percentile bootstraps (2,000 resamples of the samples, seeded), so two runs over the same
-records give the same summary.
+A rate of yes/no outcomes (format, accuracy, pointing game) gets the Wilson score interval, which stays
+honest when every sample agrees (8 of 8 is [0.68, 1], not [1, 1]); a mean of continuous values
+(saliency-in-box, curve areas, correlations, paired differences) gets a percentile bootstrap (2,000
+resamples, seeded, so two runs over the same records give the same summary).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from saliency_r1.evaluate import RATES
 from saliency_r1.faithfulness import MAP_SOURCES, REPORTED_POINTS
 
 RESAMPLES = 2_000
+BINARY_RATES = ("format", "accuracy", "pointing_game")
 OUR_SOURCES = ("cot", "direct", "both")
 CONTROLS = ("random", "attention")
 """Each of our maps is compared with these on the same samples (paired differences of the AUCs)."""
@@ -38,10 +41,29 @@ def bootstrap(values, *, resamples: int = RESAMPLES, seed: int = 0, level: float
             "high": float(np.percentile(means, 100 - tail)), "n": int(data.size)}
 
 
+def wilson(successes: float, n: int, *, level: float = 0.95) -> dict[str, float]:
+    """``{"mean", "low", "high", "n"}``: the rate ``successes / n`` and its Wilson score interval.
+
+    >>> {k: round(v, 3) for k, v in wilson(8, 8).items()}
+    {'mean': 1.0, 'low': 0.676, 'high': 1.0, 'n': 8}
+    """
+    if n == 0:
+        return {"mean": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0}
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return {"mean": p, "low": float(max(0.0, centre - half)), "high": float(min(1.0, centre + half)), "n": n}
+
+
 def summarise_model(records: list[dict]) -> dict:
     """The summary of one model's sample records (see :func:`saliency_r1.evaluate.evaluate_batch`)."""
     summary: dict = {"samples": len(records)}
-    summary["rates"] = {rate: bootstrap(float(r[rate]) for r in records) for rate in RATES}
+    summary["rates"] = {rate: wilson(sum(float(r[rate]) for r in records), len(records)) if rate in BINARY_RATES
+                        else bootstrap(float(r[rate]) for r in records) for rate in RATES}
+    summary["faithfulness_samples"] = sum(1 for r in records if r.get("faithfulness"))
     faithful = [r["faithfulness"] for r in records if r.get("faithfulness")]
     if faithful:
         summary["faithfulness"] = {
@@ -72,14 +94,26 @@ def _cell(figure: dict, scale: float = 1.0, digits: int = 3) -> str:
 def summary_markdown(summary: dict) -> str:
     """The tables of ``summary.md``: the rates, a row per model; per model, faithfulness by map source."""
     models = summary["models"]
-    lines = ["# Evaluation", "", f"Data: {summary['data']}; saliency path per model as listed. "
-             "Each cell: the mean over samples [95% bootstrap interval].", "",
+    skipped = summary.get("records_skipped", 0)
+    lines = ["# Evaluation", "", f"Data: {summary['data']}; {summary.get('samples_requested', '?')} samples asked for"
+             + (f", {skipped} bad records skipped at load" if skipped else "")
+             + "; saliency path per model as listed. Each cell: the rate or mean over samples [95% interval: Wilson "
+               "for format, accuracy and pointing game, bootstrap for the rest].", "",
              "| model | path | samples | " + " | ".join(RATES) + " |",
              "|---|---|---|" + "---|" * len(RATES)]
     for name, model in models.items():
         lines.append(f"| {name} | {model['path']} | {model['samples']} | "
                      + " | ".join(_cell(model["rates"][rate]) for rate in RATES) + " |")
+    missing = {name: model["samples"] for name, model in models.items()
+               if model["samples"] < summary.get("samples_requested", model["samples"])}
+    if missing:
+        lines += ["", "**Incomplete**: " + "; ".join(f"{name} has {n} of {summary['samples_requested']} samples"
+                                                     for name, n in missing.items())
+                  + " (rerun with --resume to evaluate the rest)."]
     for name, model in models.items():
+        if summary.get("faithfulness") and "faithfulness" not in model:
+            lines += ["", f"## Faithfulness: {name}", "", "No well-formed completion: nothing to measure (faithfulness "
+                      "follows the answer tokens of well-formed completions)."]
         if "faithfulness" in model:
             figures = FAITHFULNESS_FIGURES
             n = model["faithfulness"][MAP_SOURCES[0]]["deletion_auc"]["n"]
@@ -99,11 +133,14 @@ def summary_markdown(summary: dict) -> str:
                       "| map | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
             for source in OUR_SOURCES:
                 lines.append(f"| {source} | " + " | ".join(_cell(paired[source][c], digits=4) for c in columns) + " |")
+        if summary.get("sanity") and "sanity" not in model:
+            lines += ["", f"## Model randomisation: {name}", "", "No well-formed completion: nothing to check."]
         if "sanity" in model:
             verdict = "passed" if model["sanity_passed"] else "FAILED (the maps barely change with the model)"
             lines += ["", f"## Model randomisation: {name} ({verdict})", "",
-                      "Spearman correlation of each map with the map of the same completion after the model's top "
-                      "language layers, then all of them, then the vision encoder too, are randomised.", "",
+                      f"Spearman correlation of each `{model['path']}` map with the map of the same completion after "
+                      "the model's top language layers, then all of them, then the vision encoder too, are "
+                      "randomised.", "",
                       "| layers randomised | correlation |", "|---|---|"]
             lines += [f"| {level.replace('_', ' ').replace('+', ' + ')} | {_cell(figure)} |"
                       for level, figure in model["sanity"].items()]

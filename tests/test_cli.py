@@ -55,7 +55,7 @@ def test_train_evaluate_explain(tmp_path, cold_model, capsys):
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     metrics = summary["models"][str(checkpoint)]
     assert metrics["samples"] == 2 and 0 <= metrics["rates"]["saliency_in_box"]["mean"] <= 1
-    assert "held-out set" not in summary["data"] and summary["data"].startswith("synthetic: 2 images")
+    assert summary["data"].startswith("synthetic held-out set: seed 10000") and summary["samples_requested"] == 2
 
     example = SyntheticGroundedVQA(1, seed=99)[0]
     example["image"].save(tmp_path / "image.png")

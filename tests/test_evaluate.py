@@ -98,10 +98,66 @@ def test_a_rerun_refuses_the_folder_and_resume_evaluates_only_what_is_missing(hu
     assert json.loads((out / "summary.json").read_text())["models"][hub_folder]["samples"] == 4
 
 
-def test_a_record_cut_short_by_a_crash_is_evaluated_again(tmp_path):
-    path = tmp_path / "samples-m.jsonl"
-    path.write_text(json.dumps({"index": 0, "accuracy": 1.0}) + "\n" + '{"index": 1, "accur')
+def test_a_record_cut_short_by_a_crash_is_evaluated_again(hub_folder, tmp_path, capsys):
+    out = tmp_path / "eval"
+    base = ["evaluate", hub_folder, "--synthetic", "3", "--out", str(out), "--max-new-tokens", "8"]
+    assert _run(base, capsys)[0] == 0
+    path = samples_file(out, hub_folder)
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:1]) + lines[1][:25])  # a crash in the middle of writing record 1
     assert list(read_records(path)) == [0]
+    code, printed = _run(base + ["--resume"], capsys)
+    assert code == 0 and sorted(read_records(path)) == [0, 1, 2]
+    assert [json.loads(line)["index"] for line in path.read_text().splitlines()] == [0, 1, 2]
+
+
+def test_a_model_named_two_ways_is_refused_and_two_models_never_share_a_file(hub_folder, tmp_path, capsys):
+    assert "named twice" in _refused(["evaluate", hub_folder, hub_folder + "/", "--out", str(tmp_path / "e"),
+                                      "--synthetic", "1"], capsys)
+    for name in ("run 1", "run_1"):
+        (tmp_path / "m" / name).mkdir(parents=True)
+    assert samples_file(tmp_path, str(tmp_path / "m" / "run 1")) != samples_file(tmp_path, str(tmp_path / "m" / "run_1"))
+    (tmp_path / "link").symlink_to(hub_folder)  # one model, two names: one file
+    assert samples_file(tmp_path, str(tmp_path / "link")) == samples_file(tmp_path, hub_folder)
+
+
+def test_resume_refuses_data_that_changed_and_takes_a_larger_synthetic_set(hub_folder, tmp_path, capsys):
+    from saliency_r1.data.synthetic import SyntheticGroundedVQA
+
+    records = []
+    for i, example in enumerate(SyntheticGroundedVQA(4, seed=5)):
+        example["image"].save(tmp_path / f"{i}.png")
+        records.append(json.dumps({"image": f"{i}.png", "problem": example["problem"], "solution": example["solution"],
+                                   "bbox": example["bbox"]}))
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(records) + "\n")
+    out = tmp_path / "eval"
+    base = ["evaluate", hub_folder, "--data", str(data), "--out", str(out), "--max-new-tokens", "8"]
+    assert _run(base + ["--limit", "2"], capsys)[0] == 0
+    data.write_text("\n".join(records[1:]) + "\n")  # the first record removed: every index now names another one
+    assert "the data changed" in _refused(base + ["--resume"], capsys)
+
+    synthetic = ["evaluate", hub_folder, "--out", str(tmp_path / "s"), "--max-new-tokens", "8"]
+    assert _run(synthetic + ["--synthetic", "2"], capsys)[0] == 0
+    assert _run(synthetic + ["--synthetic", "3", "--resume"], capsys)[0] == 0
+    assert "other settings" in _refused(synthetic + ["--synthetic", "3", "--resume", "--dtype", "float64"], capsys)
+    assert "other settings" in _refused(synthetic + ["--synthetic", "3", "--resume", "--max-new-tokens", "9"], capsys)
+
+
+def test_a_failed_run_leaves_no_results_to_refuse_and_the_summary_says_what_was_not_measured(hub_folder, tmp_path,
+                                                                                              capsys):
+    out = tmp_path / "eval"
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in os.listdir(hub_folder):
+        (broken / name).write_bytes((Path(hub_folder) / name).read_bytes())
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    assert "cannot be loaded" in _refused(["evaluate", str(broken), "--synthetic", "2", "--out", str(out)], capsys)
+    code, printed = _run(["evaluate", hub_folder, "--synthetic", "2", "--out", str(out), "--max-new-tokens", "2",
+                          "--faithfulness", "--sanity"], capsys)
+    assert code == 0
+    assert "No well-formed completion: nothing to measure" in printed.out
+    assert "No well-formed completion: nothing to check" in printed.out
 
 
 @pytest.mark.parametrize("case", ["limit 0", "both data sources", "twice", "no data", "bad records",
@@ -235,6 +291,6 @@ def test_the_summary_table_has_a_row_per_model():
     summary = {"data": "d", "models": {"a": {"path": "cot", **summarise_model([record] * 3)},
                                        "b": {"path": "direct", **summarise_model([{**record, "accuracy": 0.0}])}}}
     table = summary_markdown(summary)
-    assert "| a | cot | 3 | 1.000 [1.000, 1.000] | 1.000 [1.000, 1.000] | 0.250" in table
-    assert "| b | direct | 1 | 1.000 [1.000, 1.000] | 0.000 [0.000, 0.000]" in table
+    assert "| a | cot | 3 | 1.000 [0.439, 1.000] | 1.000 [0.439, 1.000] | 0.250 [0.250, 0.250]" in table
+    assert "| b | direct | 1 | 1.000 [0.207, 1.000] | 0.000 [0.000, 0.793]" in table
     assert "Faithfulness" not in table
