@@ -7,15 +7,17 @@ also receive the saliency maps of the completions they score.
 ...                               train_dataset=dataset)   # columns: prompt, image, solution, bbox
 
 Where the maps come from. TRL (1.16) calls ``_calculate_rewards(inputs, prompts, completions,
-completion_ids_list)`` after generation and before advantages; this override runs one
-teacher-forced forward of the completions with the saliency capture on
-(:func:`saliency_r1.saliency.saliency_for_completions`, no gradient, keys and values read back from
-its cache) and adds, per completion, ``saliency_maps`` (per image, the raw ``[h', w']`` map) and
-``saliency_valid`` (1.0 for a well-formed think/answer structure) to the reward keywords. Doing it
-there rather than inside ``generate`` makes it independent of the generation backend (transformers,
-continuous batching or vLLM, whose completions arrive as ids); the cost is one forward pass without
-gradient over the batch, the size of TRL's own old-log-prob pass. It is skipped when no reward
-function names a ``saliency_maps`` parameter (one that only takes ``**kwargs`` gets no maps).
+completion_ids_list)`` after generation and before advantages; this override runs teacher-forced
+forwards of the completions, in chunks of ``per_device_train_batch_size`` as TRL chunks its own
+passes, each a fused forward (:func:`saliency_r1.saliency.saliency_fused_forward`: no gradient, no
+cache, each layer's part of the maps computed inside its attention call), and adds, per completion,
+``saliency_maps`` (per image, the raw ``[h', w']`` map) and ``saliency_valid`` (1.0 for a well-formed
+think/answer structure) to the reward keywords. Doing it there rather than inside ``generate`` makes
+it independent of the generation backend (transformers, continuous batching or vLLM, whose
+completions arrive as ids); the cost is one forward pass without gradient over the batch, the size of
+TRL's own old-log-prob pass (taking the maps from that pass itself, with no extra forward, is not done
+yet). It is skipped when no reward function names a ``saliency_maps`` parameter (one that only takes
+``**kwargs`` gets no maps).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from trl import GRPOTrainer
 from trl.models.utils import unwrap_model_for_generation
 
 from saliency_r1.adapters import get_adapter
-from saliency_r1.saliency import saliency_for_completions
+from saliency_r1.saliency import saliency_fused_forward
 
 
 def _wants_saliency(func) -> bool:
@@ -63,29 +65,37 @@ class SaliencyGRPOTrainer(GRPOTrainer):
                                                 | set(get_adapter(self.model).vision_token_ids))
 
     def _saliency(self, prompts: list, completion_ids_list: list) -> tuple[list, list[float]]:
-        """Maps of the local completions: the prompts re-rendered exactly as TRL renders them for
-        its forward passes, then one teacher-forced forward with capture."""
+        """Maps of the local completions: the prompts re-rendered exactly as TRL renders them for its forward
+        passes, then fused teacher-forced forwards (no cache), in chunks of ``per_device_train_batch_size``
+        as TRL chunks its own passes."""
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
-        side, tokenizer.padding_side = tokenizer.padding_side, "left"
-        try:
-            inputs = self.processing_class.apply_chat_template(
-                conversation=prompts, tools=self.tools or None, chat_template=self.chat_template,
-                add_generation_prompt=True, tokenize=True, return_dict=True, padding=True, return_tensors="pt",
-                **self.chat_template_kwargs)
-        finally:
-            tokenizer.padding_side = side
-        inputs = {k: v.to(self.accelerator.device) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+        chunk = max(1, self.args.per_device_train_batch_size)
+        maps, valid = [], []
         with unwrap_model_for_generation(self.model_wrapped, self.accelerator,
                                          gather_deepspeed3_params=self.args.ds3_gather_for_generation) as model:
             was_training = model.training
             model.eval()  # no dropout in the maps
             try:
-                rollout = saliency_for_completions(model, self.processing_class, inputs,
-                                                   [torch.as_tensor(c) for c in completion_ids_list],
-                                                   adapter=get_adapter(model), path=self.saliency_path)
+                for start in range(0, len(prompts), chunk):
+                    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+                    try:
+                        inputs = self.processing_class.apply_chat_template(
+                            conversation=prompts[start:start + chunk], tools=self.tools or None,
+                            chat_template=self.chat_template, add_generation_prompt=True, tokenize=True,
+                            return_dict=True, padding=True, return_tensors="pt", **self.chat_template_kwargs)
+                    finally:
+                        tokenizer.padding_side = side
+                    inputs = {k: v.to(self.accelerator.device) for k, v in inputs.items()
+                              if isinstance(v, torch.Tensor)}
+                    rollout = saliency_fused_forward(
+                        model, self.processing_class, inputs,
+                        [torch.as_tensor(c) for c in completion_ids_list[start:start + chunk]],
+                        adapter=get_adapter(model), path=self.saliency_path)
+                    maps += rollout.maps
+                    valid += rollout.valid.tolist()
             finally:
                 model.train(was_training)
-        return rollout.maps, rollout.valid.tolist()
+        return maps, valid
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         if self._needs_saliency:
