@@ -491,6 +491,32 @@ def generate_with_saliency(model: nn.Module, processor, inputs, *, adapter: Mode
     return result
 
 
+def _teacher_forced_batch(adapter: ModelAdapter, processor, inputs, completion_ids) -> tuple:
+    """``(completions, body, forward)``: each completion cut after its end-of-turn token, the right-padded ids
+    ``[B, C]``, and the model inputs of prompt (left-padded) then completion.
+
+    Raises:
+        ValueError: a completion count that does not match the prompts; prompts that are not left-padded.
+    """
+    tokenizer = _tokenizer(processor)
+    prompt_ids = inputs["input_ids"]
+    batch = prompt_ids.shape[0]
+    if len(completion_ids) != batch:
+        raise ValueError(f"completion_ids has {len(completion_ids)} completions for {batch} prompts: repeat each "
+                         "prompt in inputs once per completion")
+    mask = inputs.get("attention_mask")
+    if mask is not None and not bool(mask[:, -1].all()):
+        raise ValueError("the prompts must be left-padded (every prompt's last position attended): got a prompt "
+                         "whose last position is padding; tokenize with padding_side='left'")
+    stops = end_of_turn_ids(tokenizer)
+    completions = [trim_completion(c, stops) for c in completion_ids]
+    # An empty completion (a backend may return one) is an invalid rollout, not an error.
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    body, body_mask = pad_completions([torch.as_tensor(c, dtype=torch.long) for c in completions], pad,
+                                      prompt_ids.device)
+    return completions, body, adapter.teacher_forced_inputs(dict(inputs), body, body_mask)
+
+
 def saliency_for_completions(model: nn.Module, processor, inputs,
                              completion_ids: Sequence[Sequence[int] | torch.Tensor] | torch.Tensor, *,
                              adapter: ModelAdapter | None = None, path: str = "cot", details: bool = False,
@@ -522,23 +548,13 @@ def saliency_for_completions_by_path(model: nn.Module, processor, inputs,
     """:func:`saliency_for_completions` for several paths from ONE teacher-forced forward and capture (the
     faithfulness evaluation compares them on the same rows). ``attention`` is computed once, with the first
     path, and shared by every result. Returns ``{path: RolloutSaliency}``."""
-    adapter = adapter or get_adapter(model)
-    tokenizer = _tokenizer(processor)
-    prompt_ids = inputs["input_ids"]
-    batch, P = prompt_ids.shape
-    if len(completion_ids) != batch:
-        raise ValueError(f"completion_ids has {len(completion_ids)} completions for {batch} prompts: repeat each "
-                         "prompt in inputs once per completion")
     if not paths:
         raise ValueError("paths must name at least one saliency path")
-    stops = end_of_turn_ids(tokenizer)
-    completions = [trim_completion(c, stops) for c in completion_ids]
-    # An empty completion (a backend may return one) is an invalid rollout, not an error.
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    body, body_mask = pad_completions([torch.as_tensor(c, dtype=torch.long) for c in completions], pad,
-                                      prompt_ids.device)
+    adapter = adapter or get_adapter(model)
+    prompt_ids = inputs["input_ids"]
+    P = prompt_ids.shape[1]
+    completions, body, forward = _teacher_forced_batch(adapter, processor, inputs, completion_ids)
     width = body.shape[1]
-    forward = adapter.teacher_forced_inputs(dict(inputs), body, body_mask)
     sequences = forward["input_ids"]
     started = time.perf_counter()
     with torch.no_grad(), capture_saliency(model, first_row=P - 1, num_rows=width, adapter=adapter) as capture:
@@ -585,23 +601,10 @@ def saliency_fused_forward(model: nn.Module, processor, inputs,
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     adapter = adapter or get_adapter(model)
-    tokenizer = _tokenizer(processor)
     prompt_ids = inputs["input_ids"]
-    batch, P = prompt_ids.shape
-    if len(completion_ids) != batch:
-        raise ValueError(f"completion_ids has {len(completion_ids)} completions for {batch} prompts: repeat each "
-                         "prompt in inputs once per completion")
-    mask = inputs.get("attention_mask")
-    if mask is not None and not bool(mask[:, -1].all()):
-        raise ValueError("the prompts must be left-padded (every prompt's last position attended): got a prompt "
-                         "whose last position is padding; tokenize with padding_side='left'")
-    stops = end_of_turn_ids(tokenizer)
-    completions = [trim_completion(c, stops) for c in completion_ids]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    body, body_mask = pad_completions([torch.as_tensor(c, dtype=torch.long) for c in completions], pad,
-                                      prompt_ids.device)
+    P = prompt_ids.shape[1]
+    completions, body, forward = _teacher_forced_batch(adapter, processor, inputs, completion_ids)
     width = body.shape[1]
-    forward = adapter.teacher_forced_inputs(dict(inputs), body, body_mask)
     sequences = forward["input_ids"]
     started = time.perf_counter()
     device = adapter.norm_weight.device
