@@ -394,7 +394,7 @@ def test_cpu_calls_run_the_compiled_kernel_without_python():
     assert torch._C._dispatch_has_kernel_for_dispatch_key("saliency::reward", "CPU")
     # Record every Python function entered while the op runs: a Python kernel (ours, or one registered
     # through torch.library) would show up; the compiled kernel runs below the dispatcher, in C++.
-    package_dirs = (Path(saliency_r1.__file__).parent.resolve(), Path(saliency_r1.kernels.__file__).parent.resolve())
+    package_dirs = (Path(saliency_r1.__file__).parent.resolve(), Path(next(iter(saliency_r1.kernels.__path__))).resolve())
     entered = []
     sys.setprofile(lambda frame, event, arg: entered.append(frame.f_code.co_filename) if event == "call" else None)
     try:
