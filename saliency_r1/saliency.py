@@ -491,9 +491,10 @@ def generate_with_saliency(model: nn.Module, processor, inputs, *, adapter: Mode
     return result
 
 
-def _teacher_forced_batch(adapter: ModelAdapter, processor, inputs, completion_ids) -> tuple:
+def _teacher_forced_batch(adapter: ModelAdapter, processor, inputs, completion_ids, trim: bool = True) -> tuple:
     """``(completions, body, forward)``: each completion cut after its end-of-turn token, the right-padded ids
-    ``[B, C]``, and the model inputs of prompt (left-padded) then completion.
+    ``[B, C]`` of the completions the forward takes (the cut ones; with ``trim=False`` every given token), and the
+    model inputs of prompt (left-padded) then completion.
 
     Raises:
         ValueError: a completion count that does not match the prompts; prompts that are not left-padded.
@@ -512,8 +513,8 @@ def _teacher_forced_batch(adapter: ModelAdapter, processor, inputs, completion_i
     completions = [trim_completion(c, stops) for c in completion_ids]
     # An empty completion (a backend may return one) is an invalid rollout, not an error.
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    body, body_mask = pad_completions([torch.as_tensor(c, dtype=torch.long) for c in completions], pad,
-                                      prompt_ids.device)
+    body, body_mask = pad_completions([torch.as_tensor(c, dtype=torch.long)
+                                       for c in (completions if trim else completion_ids)], pad, prompt_ids.device)
     return completions, body, adapter.teacher_forced_inputs(dict(inputs), body, body_mask)
 
 
@@ -577,7 +578,7 @@ def saliency_fused_forward(model: nn.Module, processor, inputs,
                            completion_ids: Sequence[Sequence[int] | torch.Tensor] | torch.Tensor, *,
                            adapter: ModelAdapter | None = None, path: str = "cot", details: bool = False,
                            attention: bool = False, spans: Sequence[Spans] | None = None,
-                           temperature: float = 1.0) -> RolloutSaliency:
+                           temperature: float = 1.0, trim: bool = True) -> RolloutSaliency:
     """Maps and log-probs of given completions from ONE teacher-forced forward without a cache.
 
     Inside each language layer's attention call, where its queries, keys and values are all present, the
@@ -586,7 +587,10 @@ def saliency_fused_forward(model: nn.Module, processor, inputs,
     run, is applied once at the end (the map is linear in it). The same forward gives the completion's
     log-probs (``completion_logps``), so it can serve as GRPO's old-policy pass.
 
-    Args: as :func:`saliency_for_completions`, plus ``temperature`` of the log-probs.
+    Args: as :func:`saliency_for_completions`, plus ``temperature`` of the log-probs and ``trim``: ``False``
+        runs the forward, and gives log-probs, over every given completion token, also those after the first
+        end-of-turn token (a trainer that scores what its sampler returned); the maps stop at the end of turn
+        either way.
 
     Returns:
         :class:`RolloutSaliency` equal (within floating-point tolerance) to :func:`saliency_for_completions`'s
@@ -603,7 +607,7 @@ def saliency_fused_forward(model: nn.Module, processor, inputs,
     adapter = adapter or get_adapter(model)
     prompt_ids = inputs["input_ids"]
     P = prompt_ids.shape[1]
-    completions, body, forward = _teacher_forced_batch(adapter, processor, inputs, completion_ids)
+    completions, body, forward = _teacher_forced_batch(adapter, processor, inputs, completion_ids, trim)
     width = body.shape[1]
     sequences = forward["input_ids"]
     started = time.perf_counter()

@@ -475,6 +475,19 @@ def test_fused_forward_keeps_nothing_and_refuses_what_it_cannot_place(processor,
     result = saliency_fused_forward(model64, processor, inputs, ids)
     assert kept and set(kept) == {0}  # each layer's rows are consumed inside the call, none outlive it
     assert result.valid.tolist() == [1.0, 1.0, 1.0]
+    # A sampler that went on past the end of turn: trim=False scores every token, the maps stop at the end.
+    tail = processor.tokenizer.encode(" red dark", add_special_tokens=False)
+    sampled = [torch.as_tensor(c).tolist() + tail for c in ids]
+    whole = saliency_fused_forward(model64, processor, inputs, sampled, trim=False)
+    assert whole.valid.tolist() == [1.0, 1.0, 1.0]
+    assert whole.completion_logps.shape[1] == max(len(c) for c in sampled)
+    assert result.completion_logps.shape[1] == max(len(torch.as_tensor(c)) for c in ids)
+    for b, c in enumerate(ids):
+        n = len(torch.as_tensor(c))
+        torch.testing.assert_close(whole.completion_logps[b, :n], result.completion_logps[b, :n])
+        assert torch.isfinite(whole.completion_logps[b, n:n + len(tail)]).all()
+        for got, want in zip(whole.maps[b], result.maps[b]):
+            torch.testing.assert_close(got, want)
     right_padded = {**inputs, "attention_mask": inputs["attention_mask"].flip(-1)}
     with pytest.raises(ValueError, match="left-padded"):
         saliency_fused_forward(model64, processor, right_padded, ids)
