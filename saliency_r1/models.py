@@ -4,6 +4,7 @@ in code; wrapping it with LoRA adapters."""
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import torch
@@ -145,6 +146,21 @@ def _image_only_processor(path: str, bounds: dict):
         image_processor = _image_processor_by_name(path).from_pretrained(path, **bounds)
     return image_only_processor_class(family.processor_class)(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=tokenizer.chat_template)
+
+
+def save_in_hub_layout(model, processor, folder) -> Path:
+    """``model`` and ``processor`` as a Qwen2.5-VL checkpoint on the hub has them, which every loader
+    (``AutoProcessor``, vLLM) reads: weights and configuration, the tokenizer, the image processor under
+    its standard class name, the processor class and the chat template. (The tiny model's own processor is
+    saved under a test-only class that only this package loads.)"""
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    processor.tokenizer.save_pretrained(folder)
+    image_config = processor.image_processor.to_dict()
+    image_config.update(image_processor_type="Qwen2VLImageProcessor", processor_class="Qwen2_5_VLProcessor")
+    (folder / "preprocessor_config.json").write_text(json.dumps(image_config, indent=2))
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": processor.chat_template}))
+    return folder
 
 
 def lora_base_dtype(cfg, device_type: str) -> torch.dtype:

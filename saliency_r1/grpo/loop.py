@@ -1,9 +1,12 @@
 """The GRPO training loop of Saliency-R1, readable top to bottom.
 
 ``train(cfg)`` does, per step: sample prompts; generate ``G`` completions of each with the saliency
-capture on; score them (format, accuracy, saliency-in-box through ``saliency_r1.ops.reward``,
+capture on (or, with ``--rollout-backend vllm``, sample them with vLLM and take the maps and the
+policy's log-probs from one fused forward); score them (format, accuracy, saliency-in-box through ``saliency_r1.ops.reward``,
 extra callables); normalise advantages within each group; take ``inner_iterations`` optimizer
-steps of the clipped surrogate (ratio to the policy that generated); log; checkpoint.
+steps of the clipped surrogate (ratio to the policy that generated; under vLLM, each token's term
+weighted by the importance ratio of the policy to vLLM's sampler); hand vLLM the new weights; log;
+checkpoint.
 
 What the loop calls has its own module: model loading (``saliency_r1.models``), data
 (``saliency_r1.data``), prompts (``saliency_r1.prompts``), log-probs (``saliency_r1.logps``), the
@@ -33,10 +36,11 @@ from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from saliency_r1.adapters import get_adapter
+from saliency_r1.errors import ConfigError
 from saliency_r1.grpo.checkpoint import (BASE_MODEL_DIR, latest_checkpoint, load_checkpoint, load_weights,
                                          save_checkpoint, save_model_dir)
 from saliency_r1.grpo.config import TrainConfig, check_trackers_installed
-from saliency_r1.grpo.loss import group_advantages, policy_loss
+from saliency_r1.grpo.loss import group_advantages, importance_sampling_weights, policy_loss
 from saliency_r1.logps import completion_logps, pad_completions
 from saliency_r1.models import load_policy_model, load_policy_processor, lora_base_dtype, with_lora
 from saliency_r1.prompts import image_rows, prompt_inputs, select_rows, system_prompt_or_default
@@ -106,11 +110,19 @@ def train(cfg: TrainConfig) -> RunResult:
 
     cfg.check_paths()  # before anything loads
     check_trackers_installed(cfg.report_to)
+    if cfg.rollout_backend == "vllm":
+        from saliency_r1.grpo.vllm_engine import check_vllm_installed, merged_weights, vllm_rollouts
+
+        check_vllm_installed()
     extra = [load_reward_callable(spec) for spec in cfg.extra_rewards]
     accelerator = Accelerator(cpu=cfg.device_type() == "cpu", log_with=cfg.report_to or None,
                               project_dir=cfg.output_dir)
     check_distribution(accelerator.distributed_type)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    if cfg.rollout_backend == "vllm" and world > 1:
+        raise ConfigError(f"--rollout-backend vllm runs in one process (its engine lives in the training process); "
+                          f"got {world}: launch without accelerate/torchrun, or use TRL's trainer (saliency_r1.trl) "
+                          "with use_vllm=True")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)  # the same on every process: identical initial weights
@@ -137,6 +149,10 @@ def train(cfg: TrainConfig) -> RunResult:
             if cfg.lora and accelerator.is_main_process:
                 save_model_dir(out / BASE_MODEL_DIR, model, processor)
             accelerator.wait_for_everyone()
+    engine = None
+    if cfg.rollout_backend == "vllm":
+        engine = _start_vllm(model, processor, cfg, out, train_data,
+                             base_dtype if cfg.lora else next(model.parameters()).dtype)
     if cfg.lora:  # after the tiny model's cold start, which trains all of its weights in fp32
         model = with_lora(model.to(base_dtype), cfg)
     reference = None
@@ -159,6 +175,8 @@ def train(cfg: TrainConfig) -> RunResult:
         start_step = state["step"]
         evaluations = {int(k): v for k, v in state.get("evaluations", {}).items()}
         bad_streak, best_format = state.get("bad_streak", 0), state.get("best_format", 0.0)
+    if engine is not None:
+        engine.load_weights(merged_weights(policy))  # resumed, or LoRA: what vLLM serves is what trains
     order = PromptOrder(len(train_data), cfg.seed)
     global_prompts = cfg.prompts_per_step * world
     log_path = out / "train.jsonl"
@@ -210,17 +228,26 @@ def train(cfg: TrainConfig) -> RunResult:
         inputs = prompt_inputs(processor, adapter, prompts, system, repeat=cfg.num_generations).to(device)
         policy.eval()
         with torch.no_grad(), _autocast(cfg, device):
-            rollout = generate_with_saliency(policy, processor, inputs, adapter=adapter, path=cfg.saliency_path,
-                                             do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
-                                             max_new_tokens=cfg.max_completion_length,
-                                             suppress_tokens=adapter.vision_token_ids,
-                                             # A diverged policy's NaN logits become garbage completions
-                                             # (invalid rollouts, a non-finite step below), not a crash.
-                                             remove_invalid_values=True)
+            if engine is None:
+                rollout = generate_with_saliency(policy, processor, inputs, adapter=adapter, path=cfg.saliency_path,
+                                                 do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
+                                                 max_new_tokens=cfg.max_completion_length,
+                                                 suppress_tokens=adapter.vision_token_ids,
+                                                 # A diverged policy's NaN logits become garbage completions
+                                                 # (invalid rollouts, a non-finite step below), not a crash.
+                                                 remove_invalid_values=True)
+                sampling_logps, rejected = None, torch.zeros(len(examples), dtype=torch.bool, device=device)
+            else:
+                rollout, sampling_logps, rejected = vllm_rollouts(
+                    engine, policy, processor, adapter, prompts, inputs, system_prompt=system,
+                    num_generations=cfg.num_generations, max_tokens=cfg.max_completion_length,
+                    temperature=cfg.temperature, top_p=cfg.top_p, path=cfg.saliency_path,
+                    seed=(cfg.seed * 1_000_003 + step) * 1_000)  # a pure function of the step: resume samples alike
         clock.lap("rollout")
 
         # ---- 2. rewards, 3. group-normalised advantages
         scores = score_rollouts(rollout, examples, extra)
+        scores = {name: value.masked_fill(rejected, 0.0) for name, value in scores.items()}  # vLLM's rejects
         total = sum(weights.get(name, 1.0) * value.nan_to_num(0.0) for name, value in scores.items())
         # Over every process's rollouts (the batch std is global), then this process's slice.
         local = total.numel()
@@ -241,6 +268,11 @@ def train(cfg: TrainConfig) -> RunResult:
             # iterations have moved away from it; the first uses logps.detach().
             old = [completion_logps(policy, select_rows(inputs, rows, pixel_rows), completion_ids[rows], mask[rows],
                                     cfg.temperature) for rows in micro] if cfg.inner_iterations > 1 else None
+            if sampling_logps is not None:  # vLLM sampled: its fused forward gave the generating policy's log-probs
+                old = [rollout.completion_logps[rows] for rows in micro]
+                sampling_weights, sampling_stats = importance_sampling_weights(
+                    rollout.completion_logps, sampling_logps, mask, cfg.importance_sampling,
+                    cfg.importance_sampling_cap)
             ref = [_reference_logps(reference, policy, cfg, select_rows(inputs, rows, pixel_rows), completion_ids[rows],
                                     mask[rows]) for rows in micro] if cfg.beta != 0.0 else None
         clip_fraction = torch.zeros((), device=device)
@@ -258,7 +290,8 @@ def train(cfg: TrainConfig) -> RunResult:
                         logps, old[m] if old else logps.detach(), advantages[rows], mask[rows],
                         eps_low=cfg.eps_low, eps_high=cfg.eps_high, normalisation=cfg.normalisation,
                         max_completion_length=cfg.max_completion_length, token_count=token_count,
-                        beta=cfg.beta, ref_logps=ref[m] if ref else None)
+                        beta=cfg.beta, ref_logps=ref[m] if ref else None,
+                        sampling_weights=sampling_weights[rows] if sampling_logps is not None else None)
                     if cfg.normalisation != "token":  # means over the micro-batch -> mean over the batch
                         loss = loss * len(rows) / len(examples)
                     accelerator.backward(loss)
@@ -283,6 +316,9 @@ def train(cfg: TrainConfig) -> RunResult:
         policy.eval()
         bad_streak = bad_streak + 1 if skipped == cfg.inner_iterations else 0
         clock.lap("update")
+        if engine is not None and skipped < cfg.inner_iterations:
+            engine.load_weights(merged_weights(policy))  # the next rollouts sample from the updated policy
+            clock.lap("sync")
 
         # ---- 5. log (the step's metrics are read from the device only here), checkpoint, evaluate
         lengths = mask.sum(-1)
@@ -294,6 +330,9 @@ def train(cfg: TrainConfig) -> RunResult:
                                "skipped_steps": torch.tensor(float(skipped), device=device),
                                "saliency/non_finite": rollout.non_finite.float().mean(),
                                "completion_length/mean": lengths.mean(), "completion_length/max": lengths.max(),
+                               "rollout/rejected": rejected.float().mean(),
+                               **({f"importance_sampling/{k}": v for k, v in sampling_stats.items()}
+                                  if sampling_logps is not None else {}),
                                "learning_rate": torch.tensor(learning_rate)}))
         if timed:
             record = _flush(pending, accelerator)
@@ -302,7 +341,8 @@ def train(cfg: TrainConfig) -> RunResult:
             # generate() ends in a host sync (stopping criteria); the rest of the synced rollout lap is saliency.
             generation = rollout.timings["generate"]
             record.update({"time/generation": generation, "time/saliency": clock.laps["rollout"] - generation,
-                           "time/reward": clock.laps["reward"], "time/update": clock.laps["update"]})
+                           "time/reward": clock.laps["reward"], "time/update": clock.laps["update"],
+                           **({"time/weight_sync": clock.laps.get("sync", 0.0)} if engine is not None else {})})
             record["time/saliency_share"] = (record["time/saliency"] + record["time/reward"]) / sum(clock.laps.values())
             record["tokens_per_second"] = float(lengths.sum()) * world / max(generation, 1e-9)
             best_format = max(best_format, record["reward/format"])
@@ -348,6 +388,22 @@ def train(cfg: TrainConfig) -> RunResult:
     accelerator.wait_for_everyone()
     return RunResult(log_path=log_path, plot_path=plot_path, checkpoint=out / f"checkpoint-{cfg.steps}",
                      evaluations=evaluations, tracker_dirs=tracker_dirs)
+
+
+def _start_vllm(model, processor, cfg: TrainConfig, out: Path, train_data, dtype: torch.dtype):
+    """The vLLM engine of a run, before any step (and before LoRA wraps the model): started from ``--model``
+    as it is, or from the tiny model saved in the hub layout into ``out/vllm-model``; the weights are handed
+    over again before the first step (resumed, or with LoRA merged)."""
+    from saliency_r1.grpo.vllm_engine import VLLMEngine
+    from saliency_r1.models import save_in_hub_layout
+
+    folder = cfg.model
+    if folder is None:
+        folder = save_in_hub_layout(model, processor, out / "vllm-model")
+    text = model.config.get_text_config()
+    return VLLMEngine(folder, dtype=dtype, seed=cfg.seed,
+                      max_model_len=min(text.max_position_embeddings, 4096 + cfg.max_completion_length),
+                      gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, probe_image=train_data[0]["image"])
 
 
 def _tracker_dir(tracker) -> str | None:

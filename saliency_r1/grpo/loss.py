@@ -51,7 +51,8 @@ def kl_k3(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
 def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
                 eps_low: float = 0.2, eps_high: float = 0.2, normalisation: str = "sequence",
                 max_completion_length: int | None = None, token_count: torch.Tensor | float | None = None,
-                beta: float = 0.0, ref_logps: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                beta: float = 0.0, ref_logps: torch.Tensor | None = None,
+                sampling_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """The clipped GRPO surrogate, with an optional k3 KL penalty.
 
     Per token: ``-min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A) + beta * KL``,
@@ -71,6 +72,9 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
         token_count: for ``"token"``: the number of tokens to divide by, so that micro-batches of
             one accumulated step share one denominator; defaults to ``mask.sum()``.
         beta: KL coefficient; ``ref_logps`` (``[B, T]``) is needed when it is not 0.
+        sampling_weights: ``[B, T]`` or ``[B, 1]``, detached: importance weights of the generating policy
+            against the sampler that drew the tokens (vLLM), from :func:`importance_sampling_weights`; they
+            multiply each token's surrogate term, before the KL term is added (TRL's order).
 
     Returns:
         ``(loss, stats)``: the scalar loss, and detached tensors (no host sync) ``clip_fraction``
@@ -87,6 +91,8 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
     ratio = torch.exp(logps - old_logps)
     clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
     per_token = -torch.min(ratio * adv, clipped * adv)
+    if sampling_weights is not None:
+        per_token = per_token * sampling_weights
     kl = torch.zeros((), device=logps.device)
     if beta != 0.0:
         if ref_logps is None:
@@ -109,3 +115,49 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
         region = ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
         clip_fraction = (region.to(mask.dtype) * mask).sum() / mask.sum().clamp(min=1.0)
     return loss, {"clip_fraction": clip_fraction, "kl": kl}
+
+
+IMPORTANCE_SAMPLING_MODES = ("token_truncate", "sequence_mask")
+
+
+def importance_sampling_weights(old_logps: torch.Tensor, sampling_logps: torch.Tensor, mask: torch.Tensor,
+                                mode: str = "token_truncate", cap: float = 3.0) -> tuple[torch.Tensor, dict]:
+    """Weights that correct for sampling from another engine's distribution (vLLM's numerics, not the
+    trainer's): ``r = exp(old_logps - sampling_logps)``, TRL's two basic forms.
+
+    Args:
+        old_logps: ``[B, T]`` the generating policy's log-probs (the trainer's forward).
+        sampling_logps: ``[B, T]`` the sampler's log-probs of the same tokens; NaN where it gave none
+            (weight 1 there).
+        mask: ``[B, T]``, 1 on completion tokens.
+        mode: ``"token_truncate"`` (per token, ``min(r, cap)``: truncated importance sampling) or
+            ``"sequence_mask"`` (per sequence, ``r`` of the summed log-ratio, 0 for a sequence whose ratio
+            exceeds ``cap``; TRL 1.16's default).
+        cap: the bound.
+
+    Returns:
+        ``(weights, stats)``: ``[B, T]`` or ``[B, 1]`` detached weights; ``stats`` (detached, no host sync):
+        ``ratio_mean`` and ``ratio_max`` of the ratios before the bound over the masked tokens (sequences),
+        ``capped_fraction`` of them that the bound changed.
+    """
+    if mode not in IMPORTANCE_SAMPLING_MODES:
+        raise ValueError(f"mode must be one of {IMPORTANCE_SAMPLING_MODES}, got {mode!r}")
+    if not cap > 0:
+        raise ValueError(f"cap must be positive, got {cap}")
+    if old_logps.shape != sampling_logps.shape or old_logps.shape != mask.shape:
+        raise ValueError(f"old_logps {tuple(old_logps.shape)}, sampling_logps {tuple(sampling_logps.shape)} and "
+                         f"mask {tuple(mask.shape)} must all be [B, T]")
+    with torch.no_grad():
+        mask = mask.to(old_logps.dtype)
+        difference = torch.nan_to_num((old_logps - sampling_logps) * mask, nan=0.0)
+        if mode == "token_truncate":
+            ratio, counted = torch.exp(difference), mask
+            weights = ratio.clamp(max=cap)
+        else:
+            ratio, counted = torch.exp(difference.sum(-1, keepdim=True)), (mask.sum(-1, keepdim=True) > 0).to(mask)
+            weights = ratio.masked_fill(ratio > cap, 0.0)
+        total = counted.sum().clamp(min=1.0)
+        stats = {"ratio_mean": (ratio * counted).sum() / total,
+                 "ratio_max": (ratio * counted).amax() if ratio.numel() else ratio.new_zeros(()),
+                 "capped_fraction": ((ratio > cap).to(mask) * counted).sum() / total}
+    return weights, stats
