@@ -122,7 +122,9 @@ class SaliencyGRPOTrainer(GRPOTrainer):
     def _generate(self, prompts: list):
         generated = super()._generate(prompts)
         self._maps_from_pass = None
-        if self._needs_saliency and self._runs_old_logp_pass():
+        # Tool calls put images in completions and rollout functions bring their own layout: their maps come
+        # from _calculate_rewards' own forwards.
+        if self._needs_saliency and self._runs_old_logp_pass() and not self.tools and self.rollout_func is None:
             self._armed_completions = generated[1]  # completion_ids_list
         return generated
 
@@ -143,6 +145,8 @@ class SaliencyGRPOTrainer(GRPOTrainer):
                 fused, input_ids, attention_mask, logits_to_keep, batch_size, **multimodal)
         finally:
             model.train(was_training)
+        if fused.done != len(completions):
+            raise RuntimeError(f"TRL's old-log-prob pass covered {fused.done} rows for {len(completions)} completions")
         self._maps_from_pass = (fused.maps, fused.valid)
         return logps, None, None
 
@@ -151,7 +155,7 @@ class SaliencyGRPOTrainer(GRPOTrainer):
             from_pass, self._maps_from_pass = self._maps_from_pass, None
             maps, valid = from_pass or self._saliency(prompts, completion_ids_list)
             inputs = [{**example, "saliency_maps": m, "saliency_valid": v}
-                      for example, m, v in zip(inputs, maps, valid)]
+                      for example, m, v in zip(inputs, maps, valid, strict=True)]
         return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
 
 

@@ -151,8 +151,9 @@ def train(cfg: TrainConfig) -> RunResult:
             accelerator.wait_for_everyone()
     engine = None
     if cfg.rollout_backend == "vllm":
-        engine = _start_vllm(model, processor, cfg, out, train_data,
-                             base_dtype if cfg.lora else next(model.parameters()).dtype)
+        # vLLM serves in the dtype the rollouts run in: the LoRA base's, or bf16 under autocast.
+        served = base_dtype if cfg.lora else torch.bfloat16 if cfg.uses_bf16(device.type) else torch.float32
+        engine = _start_vllm(model, processor, cfg, out, train_data, served)
     if cfg.lora:  # after the tiny model's cold start, which trains all of its weights in fp32
         model = with_lora(model.to(base_dtype), cfg)
     reference = None
@@ -267,7 +268,8 @@ def train(cfg: TrainConfig) -> RunResult:
             # The ratio's denominator: the generating policy. Only needed when later inner
             # iterations have moved away from it; the first uses logps.detach().
             old = [completion_logps(policy, select_rows(inputs, rows, pixel_rows), completion_ids[rows], mask[rows],
-                                    cfg.temperature) for rows in micro] if cfg.inner_iterations > 1 else None
+                                    cfg.temperature) for rows in micro] \
+                if cfg.inner_iterations > 1 and sampling_logps is None else None
             if sampling_logps is not None:  # vLLM sampled: its fused forward gave the generating policy's log-probs
                 old = [rollout.completion_logps[rows] for rows in micro]
                 sampling_weights, sampling_stats = importance_sampling_weights(
@@ -401,9 +403,12 @@ def _start_vllm(model, processor, cfg: TrainConfig, out: Path, train_data, dtype
     if folder is None:
         folder = save_in_hub_layout(model, processor, out / "vllm-model")
     text = model.config.get_text_config()
+    image_tokens = cfg.max_pixels // (28 * 28)  # Qwen2.5-VL: one token per 28 x 28 pixels
     return VLLMEngine(folder, dtype=dtype, seed=cfg.seed,
-                      max_model_len=min(text.max_position_embeddings, 4096 + cfg.max_completion_length),
-                      gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, probe_image=train_data[0]["image"])
+                      max_model_len=min(text.max_position_embeddings,
+                                        image_tokens + 2048 + cfg.max_completion_length),  # 2048: the text
+                      gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                      image_pixels=(cfg.min_pixels, cfg.max_pixels), probe_image=train_data[0]["image"])
 
 
 def _tracker_dir(tracker) -> str | None:

@@ -74,6 +74,9 @@ class VLLMEngine:
         max_model_len: prompt plus completion tokens the engine must hold.
         seed: the engine's seed.
         gpu_memory_utilization: share of the GPU vLLM may take.
+        image_pixels: ``(min_pixels, max_pixels)`` of the trainer's processor, so that vLLM resizes each image
+            to the grid the trainer scores (a checkpoint's own processor settings may differ).
+        probe_image: an image for a one-token generation at start, which finds a model vLLM cannot run.
 
     Raises:
         ConfigError: vLLM cannot serve the model (an architecture or head size it does not support), found
@@ -81,7 +84,8 @@ class VLLMEngine:
     """
 
     def __init__(self, folder: str | Path, *, dtype: torch.dtype, max_model_len: int, seed: int,
-                 gpu_memory_utilization: float, probe_image=None) -> None:
+                 gpu_memory_utilization: float, image_pixels: tuple[int, int] | None = None,
+                 probe_image=None) -> None:
         check_vllm_installed()
         # The external launcher reads torch.distributed's variables: one process, this one.
         for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
@@ -97,9 +101,13 @@ class VLLMEngine:
             self.llm = LLM(model=str(folder), dtype=str(dtype).removeprefix("torch."), seed=seed, enforce_eager=True,
                            limit_mm_per_prompt={"image": 1}, distributed_executor_backend="external_launcher",
                            max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
-                           logprobs_mode="processed_logprobs")  # after temperature, as the trainer's
+                           logprobs_mode="processed_logprobs",  # after temperature, as the trainer's
+                           mm_processor_kwargs=None if image_pixels is None else
+                           {"min_pixels": image_pixels[0], "max_pixels": image_pixels[1]})
         except Exception as error:
-            raise ConfigError(f"vLLM cannot serve the model in {folder}: {type(error).__name__}: {error}") from None
+            raise ConfigError(f"vLLM could not start on the model in {folder} (its architecture, the GPU memory "
+                              f"share --vllm-gpu-memory-utilization, or a free port): {type(error).__name__}: "
+                              f"{error}") from error
         if probe_image is not None:
             self._probe(probe_image)
 
@@ -111,7 +119,7 @@ class VLLMEngine:
             self.llm.generate([prompt], SamplingParams(max_tokens=1), use_tqdm=False)
         except Exception as error:
             raise ConfigError(f"vLLM cannot run the model in {self.folder}: {type(error).__name__}: "
-                              f"{str(error).splitlines()[-1] if str(error) else ''}") from None
+                              f"{str(error).splitlines()[-1] if str(error) else ''}") from error
 
     def generate(self, texts: list[str], images: list, *, num_generations: int, max_tokens: int, temperature: float,
                  top_p: float, banned_ids: list[int], seed: int) -> list[SampledCompletion]:
