@@ -22,6 +22,12 @@ def chat_messages(adapter, question: str, system_prompt: str, num_images: int = 
             {"role": "user", "content": adapter.user_content(question, num_images)}]
 
 
+def prompt_texts(processor, adapter, examples: list[dict], system_prompt: str) -> list[str]:
+    """Each record's prompt as the chat template renders it (one image placeholder, the generation prompt)."""
+    return [processor.apply_chat_template(chat_messages(adapter, example["problem"], system_prompt), tokenize=False,
+                                          add_generation_prompt=True) for example in examples]
+
+
 def prompt_inputs(processor, adapter, examples: list[dict], system_prompt: str, repeat: int = 1):
     """Processor inputs of ``examples``' prompts, each repeated ``repeat`` times in a row (a GRPO group).
 
@@ -36,12 +42,8 @@ def prompt_inputs(processor, adapter, examples: list[dict], system_prompt: str, 
         left-padded ``input_ids``, ``attention_mask``, ``pixel_values``, ``image_grid_thw`` (and the
         family's per-token type ids where it has them).
     """
-    texts, images = [], []
-    for example in examples:
-        messages = chat_messages(adapter, example["problem"], system_prompt)
-        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        texts += [text] * repeat
-        images += [[example["image"]]] * repeat
+    texts = [text for text in prompt_texts(processor, adapter, examples, system_prompt) for _ in range(repeat)]
+    images = [[example["image"]] for example in examples for _ in range(repeat)]
     processor.tokenizer.padding_side = "left"  # generation appends after the prompt
     return processor(text=texts, images=images, return_tensors="pt", padding=True)
 

@@ -20,7 +20,7 @@ map) and ``saliency_valid`` (1.0 for a well-formed think/answer structure).
 
 The pass runs in eval mode (no dropout), so the old log-probs it returns are those of the deterministic
 policy, like the sampler's; TRL's own pass would run in train mode. Vision placeholders are never sampled:
-transformers generation suppresses them, vLLM gets a ``logit_bias`` of ``VISION_TOKEN_BIAS`` on each (a
+transformers generation suppresses them, vLLM gets a ``logit_bias`` of ``BANNED_TOKEN_BIAS`` on each (a
 sampled ``<|image_pad|>`` would break every later forward). Nothing runs when no reward function names
 a ``saliency_maps`` parameter (one that only takes ``**kwargs`` gets no maps).
 """
@@ -35,11 +35,8 @@ from trl import GRPOTrainer
 from trl.models.utils import unwrap_model_for_generation
 
 from saliency_r1.adapters import get_adapter
+from saliency_r1.grpo.vllm_engine import banned_token_bias
 from saliency_r1.saliency import saliency_fused_forward
-
-# vLLM's sampler adds this to a banned token's logit: finite, so that the server mode's JSON carries it,
-# and far below any logit a model produces (e^-100 of the probability).
-VISION_TOKEN_BIAS = -100.0
 
 
 def _wants_saliency(func) -> bool:
@@ -73,8 +70,7 @@ class SaliencyGRPOTrainer(GRPOTrainer):
         vision = get_adapter(self.model).vision_token_ids
         if self.use_vllm:
             sampling = self.vllm_generation.generation_kwargs
-            sampling["logit_bias"] = {**(sampling.get("logit_bias") or {}),
-                                      **{int(t): VISION_TOKEN_BIAS for t in vision}}
+            sampling["logit_bias"] = {**(sampling.get("logit_bias") or {}), **banned_token_bias(vision)}
         else:
             generation = self.generation_config
             generation.suppress_tokens = sorted(set(generation.suppress_tokens or []) | set(vision))

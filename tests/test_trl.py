@@ -83,7 +83,8 @@ def test_under_vllm_the_maps_come_from_trls_old_logp_pass_with_no_extra_forward(
     from trl import GRPOConfig, GRPOTrainer
 
     from saliency_r1.saliency import saliency_for_completions
-    from saliency_r1.trl import VISION_TOKEN_BIAS, SaliencyGRPOTrainer
+    from saliency_r1.grpo.vllm_engine import BANNED_TOKEN_BIAS
+    from saliency_r1.trl import SaliencyGRPOTrainer
 
     model, processor = load_policy(TrainConfig(model=cold_model))
     tokenizer = processor.tokenizer
@@ -142,7 +143,7 @@ def test_under_vllm_the_maps_come_from_trls_old_logp_pass_with_no_extra_forward(
                                   reward_funcs=[format_reward, saliency_reward, spy])
     bias = trainer.vllm_generation.generation_kwargs["logit_bias"]
     assert bias[7] == 1.5  # the user's own bias kept
-    assert all(bias[t] == VISION_TOKEN_BIAS for t in get_adapter(model).vision_token_ids)
+    assert all(bias[t] == BANNED_TOKEN_BIAS for t in get_adapter(model).vision_token_ids)
     trainer.train()
 
     assert len(compared) == len(logps_pairs) == 1  # one generation batch of 4 for the two steps

