@@ -31,13 +31,18 @@ def load_policy_processor(cfg):
     return load_processor(cfg.model, cfg.min_pixels, cfg.max_pixels)
 
 
+def tiny_shape(cfg) -> dict:
+    """The tiny model's text-config fields from a :class:`~saliency_r1.grpo.config.TrainConfig`."""
+    return dict(num_hidden_layers=cfg.tiny_layers, hidden_size=cfg.tiny_hidden, intermediate_size=2 * cfg.tiny_hidden,
+                num_attention_heads=cfg.tiny_heads, num_key_value_heads=cfg.tiny_kv_heads)
+
+
 def load_policy_model(cfg, processor, dtype: torch.dtype = torch.float32):
     """The model of ``cfg.model`` (or the tiny one, built for ``processor``'s tokenizer)."""
     if cfg.model is None:
         from saliency_r1.tiny import build_tiny_model
 
-        return build_tiny_model(processor, seed=cfg.seed, dtype=dtype, num_hidden_layers=cfg.tiny_layers,
-                                hidden_size=cfg.tiny_hidden, intermediate_size=2 * cfg.tiny_hidden)
+        return build_tiny_model(processor, seed=cfg.seed, dtype=dtype, **tiny_shape(cfg))
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(
@@ -282,8 +287,7 @@ class ModelSource:
 def _tiny_config(cfg):
     from saliency_r1.tiny import build_tiny_processor, tiny_config
 
-    return tiny_config(build_tiny_processor(), num_hidden_layers=cfg.tiny_layers, hidden_size=cfg.tiny_hidden,
-                       intermediate_size=2 * cfg.tiny_hidden)
+    return tiny_config(build_tiny_processor(), **tiny_shape(cfg))
 
 
 def resolve_model(reference: str) -> ModelSource:

@@ -20,8 +20,9 @@ import torch
 
 from saliency_r1.errors import ConfigError
 
-TINY = ["--tiny-hidden", "128", "--cold-start-steps", "60", "--cold-start-lr", "3e-3", "--cold-start-batch", "8",
-        "--prompts-per-step", "2", "--num-generations", "4", "--eval-limit", "4", "--seed", "3"]
+TINY = ["--tiny-hidden", "128", "--tiny-heads", "4", "--tiny-kv-heads", "2", "--cold-start-steps", "60",
+        "--cold-start-lr", "3e-3", "--cold-start-batch", "8", "--prompts-per-step", "2", "--num-generations", "4",
+        "--eval-limit", "4", "--seed", "3"]
 
 
 @pytest.fixture(scope="module")
@@ -150,9 +151,10 @@ if __name__ == "__main__":
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU attention's head sizes")
 def test_a_model_vllm_cannot_run_is_refused_before_training(vllm, tmp_path):
-    """The default tiny model has head size 16, which vLLM's CPU attention does not support: stopped with the
-    reason before any step, no checkpoint written."""
-    done = _train("--cold-start-steps", "0", "--steps", "1", "--output-dir", str(tmp_path / "run"), cwd=tmp_path)
+    """A tiny model of head size 16 (hidden 64 over 4 heads), which vLLM's CPU attention does not support: stopped
+    with the reason before any step, no checkpoint written."""
+    done = _train("--tiny-heads", "4", "--tiny-kv-heads", "2", "--cold-start-steps", "0", "--steps", "1",
+                  "--output-dir", str(tmp_path / "run"), cwd=tmp_path)
     assert done.returncode != 0
     assert "vLLM cannot run the model" in done.stderr and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert not list((tmp_path / "run").glob("checkpoint-*"))

@@ -54,8 +54,12 @@ class TrainConfig:
     min_pixels: int = _f(56 * 56, "Processor: smallest image area after resizing.")
     max_pixels: int = _f(224 * 224, "Processor: largest image area after resizing (real models: e.g. 512*512).")
     system_prompt: str | None = _f(None, "System prompt. Unset: reason in <think></think>, answer in <answer></answer>.")
-    tiny_layers: int = _f(2, "Tiny model: number of language layers.")
+    tiny_layers: int = _f(3, "Tiny model: number of language layers.")
     tiny_hidden: int = _f(64, "Tiny model: hidden size.")
+    tiny_heads: int = _f(1, "Tiny model: attention (query) heads per language layer. One head makes the reasoning "
+                            "row that reads an object and the answer row that reads the reasoning share their "
+                            "head, which the cot map needs (bench/RESULTS.md, 'the lever').")
+    tiny_kv_heads: int = _f(1, "Tiny model: key-value heads per language layer (divides tiny_heads).")
 
     # ---------------------------------------------------------------- rollouts
     steps: int = _f(40, "GRPO steps, each on a fresh batch of rollouts; a step makes inner_iterations optimizer steps (warm-up counts those).")
@@ -139,8 +143,8 @@ class TrainConfig:
         at_least = {"steps": 1, "prompts_per_step": 1, "max_completion_length": 1, "inner_iterations": 1,
                     "micro_batch_size": 1, "log_every": 1, "cold_start_size": 1, "cold_start_batch": 1,
                     "eval_limit": 1, "train_size": 1, "eval_size": 1, "max_non_finite_steps": 1, "lora_r": 1,
-                    "tiny_layers": 1, "tiny_hidden": 8, "min_pixels": 1, "image_size": 28, "cold_start_steps": 0,
-                    "save_every": 0, "eval_every": 0, "warmup_steps": 0, "max_image_side": 1}
+                    "tiny_layers": 1, "tiny_hidden": 8, "tiny_heads": 1, "tiny_kv_heads": 1, "min_pixels": 1,
+                    "image_size": 28, "cold_start_steps": 0, "save_every": 0, "eval_every": 0, "warmup_steps": 0, "max_image_side": 1}
         for name, low in at_least.items():
             if getattr(self, name) < low:
                 raise ConfigError(f"{_flag(name)} must be >= {low}, got {getattr(self, name)}")
@@ -152,8 +156,12 @@ class TrainConfig:
         if self.max_pixels < self.min_pixels:
             raise ConfigError(f"{_flag('max_pixels')} ({self.max_pixels}) must be >= {_flag('min_pixels')} "
                               f"({self.min_pixels})")
-        if self.tiny_hidden % 4:
-            raise ConfigError(f"{_flag('tiny_hidden')} must be a multiple of 4 (the tiny model's attention heads), got {self.tiny_hidden}")
+        if self.tiny_hidden % (2 * self.tiny_heads) or self.tiny_hidden // self.tiny_heads < 6:
+            raise ConfigError(f"{_flag('tiny_hidden')} must split into {_flag('tiny_heads')} heads of an even size of at "
+                              f"least 6 (the rotary sections), got {self.tiny_hidden} for {self.tiny_heads} heads")
+        if self.tiny_heads % self.tiny_kv_heads:
+            raise ConfigError(f"{_flag('tiny_kv_heads')} must divide {_flag('tiny_heads')}, got {self.tiny_kv_heads} "
+                              f"for {self.tiny_heads}")
         positive_finite = ("learning_rate", "cold_start_lr", "temperature", "top_p", "importance_sampling_cap")
         for name in positive_finite:
             value = getattr(self, name)
