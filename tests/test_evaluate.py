@@ -15,6 +15,7 @@ import torch
 from saliency_r1.cli import main
 from saliency_r1.evaluation_run import read_records, samples_file
 from saliency_r1.faithfulness import MAP_SOURCES, fraction_grid
+from saliency_r1.grpo.config import TrainConfig
 from saliency_r1.report import bootstrap, summarise_model, summary_markdown
 from saliency_r1.sanity import cascade_levels, randomised_top_layers, spearman
 
@@ -58,7 +59,7 @@ def test_two_models_on_the_same_samples_with_faithfulness_and_the_randomisation_
             for curve in record["faithfulness"].values():
                 assert len(curve["deletion"]) == len(curve["insertion"]) == len(fraction_grid(4))
                 assert 0 <= curve["deletion_auc"] <= 1 and 0 <= curve["insertion_auc"] <= 1
-            assert [name for name, _, _ in cascade_levels(2)] == list(record["sanity"])
+            assert [name for name, _, _ in cascade_levels(TrainConfig().tiny_layers)] == list(record["sanity"])
     model = summary["models"][hub_folder]
     assert model["samples"] == 3 and set(model["faithfulness"]) == set(MAP_SOURCES)
     rate = model["rates"]["accuracy"]

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from saliency_r1.grpo.config import TrainConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -39,13 +41,14 @@ def test_two_seeds_end_to_end_and_a_rerun_resumes(learning, tmp_path, monkeypatc
             "--figure", str(tmp_path / "learning.png")]
     learning.main(args)
     results = json.loads((tmp_path / "runs" / "results.json").read_text())
+    shape = TrainConfig()
     assert sorted(results) == ["3", "4"] and (tmp_path / "learning.png").stat().st_size > 0
     for seed, result in results.items():
         sampled = result["lever"]["sampled"]
         assert sum(group[0] for group in sampled.values()) == 4 * 8  # every sampled completion is grouped
         lever = result["lever"]["lever"]
         assert lever["difference"] == pytest.approx(sampled["target"][1] - sampled["other"][1], nan_ok=True)
-        assert len(result["lever"]["anatomy"]["finder"]) == 2 * 4  # layers x heads of the tiny model
+        assert len(result["lever"]["anatomy"]["finder"]) == shape.tiny_layers * shape.tiny_heads  # one per head
         # The paired held-out scores are the final policies' greedy completions again: their on - off means
         # must equal the difference of the two runs' own final evaluations.
         last = {name: result[name]["evaluations"]["2"] for name in ("on", "off")}

@@ -54,7 +54,7 @@ class TrainConfig:
     min_pixels: int = _f(56 * 56, "Processor: smallest image area after resizing.")
     max_pixels: int = _f(224 * 224, "Processor: largest image area after resizing (real models: e.g. 512*512).")
     system_prompt: str | None = _f(None, "System prompt. Unset: reason in <think></think>, answer in <answer></answer>.")
-    tiny_layers: int = _f(3, "Tiny model: number of language layers.")
+    tiny_layers: int = _f(2, "Tiny model: number of language layers.")
     tiny_hidden: int = _f(64, "Tiny model: hidden size.")
     tiny_heads: int = _f(1, "Tiny model: attention (query) heads per language layer. One head makes the reasoning "
                             "row that reads an object and the answer row that reads the reasoning share their "
