@@ -16,7 +16,7 @@ on - off difference; across seeds: the mean on - off with its 95% t-interval and
 leads in), writes ``results.json`` and draws the held-out curves and the gain against the lever.
 Each finished stage is kept under ``--out``; a rerun with the same arguments resumes.
 
-    python bench/learning.py --seeds 11 12 13 14 15 16 17 18 --prompts-per-step 16 --num-generations 8 \\
+    python bench/learning.py --seeds 21 22 23 24 25 26 27 28 --prompts-per-step 16 --num-generations 8 \\
         --learning-rate 3e-4 --train-size 8192 --steps 400 --saliency-weight 10 \\
         --eval-limit 512 --eval-size 512 --eval-every 100 --faithfulness 64
                                                    # the evidence configuration (bench/RESULTS.md)
@@ -114,8 +114,9 @@ def run_seed(base, seed: int, out: Path, *, lever_only: bool, faithfulness: int)
     for name, weight in (("on", base.saliency_weight), ("off", 0.0)):
         if name in result:
             continue
+        # A run killed part-way resumes from its last checkpoint (resume is exact on the CPU).
         cfg = dataclasses.replace(cold_cfg, saliency_weight=weight, output_dir=str(out / f"saliency-{name}"),
-                                  save_every=0)
+                                  save_every=base.eval_every or base.steps, resume="auto")
         began = time.time()
         run = train(cfg)
         keep(name, {"seconds": round(time.time() - began, 1), "checkpoint": str(run.checkpoint),
