@@ -265,16 +265,18 @@ def train(cfg: TrainConfig) -> RunResult:
         # the processes' gradients, so each divides by global tokens / processes.
         token_count = (accelerator.reduce(mask.sum(), reduction="sum") / world).clamp(min=1.0)
         with torch.no_grad(), _autocast(cfg, device):  # still in eval mode: no dropout in the denominators
-            # The ratio's denominator: the generating policy. Only needed when later inner
-            # iterations have moved away from it; the first uses logps.detach().
-            old = [completion_logps(policy, select_rows(inputs, rows, pixel_rows), completion_ids[rows], mask[rows],
-                                    cfg.temperature) for rows in micro] \
-                if cfg.inner_iterations > 1 and sampling_logps is None else None
-            if sampling_logps is not None:  # vLLM sampled: its fused forward gave the generating policy's log-probs
+            # The ratio's denominator: the generating policy.
+            sampling_weights, sampling_stats = None, {}
+            if engine is not None:  # vLLM sampled: its fused forward gave the generating policy's log-probs
                 old = [rollout.completion_logps[rows] for rows in micro]
                 sampling_weights, sampling_stats = importance_sampling_weights(
                     rollout.completion_logps, sampling_logps, mask, cfg.importance_sampling,
                     cfg.importance_sampling_cap)
+            elif cfg.inner_iterations > 1:  # later inner iterations move away from it
+                old = [completion_logps(policy, select_rows(inputs, rows, pixel_rows), completion_ids[rows],
+                                        mask[rows], cfg.temperature) for rows in micro]
+            else:  # the one iteration uses logps.detach()
+                old = None
             ref = [_reference_logps(reference, policy, cfg, select_rows(inputs, rows, pixel_rows), completion_ids[rows],
                                     mask[rows]) for rows in micro] if cfg.beta != 0.0 else None
         clip_fraction = torch.zeros((), device=device)
@@ -293,7 +295,7 @@ def train(cfg: TrainConfig) -> RunResult:
                         eps_low=cfg.eps_low, eps_high=cfg.eps_high, normalisation=cfg.normalisation,
                         max_completion_length=cfg.max_completion_length, token_count=token_count,
                         beta=cfg.beta, ref_logps=ref[m] if ref else None,
-                        sampling_weights=sampling_weights[rows] if sampling_logps is not None else None)
+                        sampling_weights=None if sampling_weights is None else sampling_weights[rows])
                     if cfg.normalisation != "token":  # means over the micro-batch -> mean over the batch
                         loss = loss * len(rows) / len(examples)
                     accelerator.backward(loss)
@@ -333,8 +335,7 @@ def train(cfg: TrainConfig) -> RunResult:
                                "saliency/non_finite": rollout.non_finite.float().mean(),
                                "completion_length/mean": lengths.mean(), "completion_length/max": lengths.max(),
                                "rollout/rejected": rejected.float().mean(),
-                               **({f"importance_sampling/{k}": v for k, v in sampling_stats.items()}
-                                  if sampling_logps is not None else {}),
+                               **{f"importance_sampling/{k}": v for k, v in sampling_stats.items()},
                                "learning_rate": torch.tensor(learning_rate)}))
         if timed:
             record = _flush(pending, accelerator)
