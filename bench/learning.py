@@ -164,7 +164,7 @@ def attention_anatomy(cfg, model, processor, held_out, count: int = 48) -> dict:
     import torch
 
     from saliency_r1.adapters import get_adapter
-    from saliency_r1.data.synthetic import worked_completion
+    from saliency_r1.data.synthetic import normalised_box, worked_completion
     from saliency_r1.prompts import prompt_inputs, system_prompt_or_default
     from saliency_r1.rewards import saliency_in_box
 
@@ -195,7 +195,7 @@ def attention_anatomy(cfg, model, processor, held_out, count: int = 48) -> dict:
                                 output_attentions=True)
                 attention = torch.cat([a[0] for a in out.attentions])  # [layers * heads, S, S]
                 colour_row = attention[:, P + 1, image]
-                bbox = "[" + ",".join(f"{(v + 0.5) / size:.4f}" for v in box) + "]"
+                bbox = normalised_box(box, size)
                 maps = [m.reshape(*grid.tolist()) for m in torch.cat([colour_row, torch.ones(1, len(image))])]
                 shares = saliency_in_box(maps, [bbox] * len(maps), [(size, size)] * len(maps))
                 finder += shares[:-1]

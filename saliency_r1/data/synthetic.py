@@ -95,6 +95,18 @@ def _place(rng: random.Random, cfg: SyntheticConfig, taken: list[tuple[int, int,
                      f"in a {cfg.image_size} px image; lower num_objects or max_object")
 
 
+def normalised_box(box_pixels: tuple[int, int, int, int], size: int) -> str:
+    """The ``bbox`` string of an inclusive pixel box in a ``size``-pixel square image.
+
+    Normalised so that ``floor(W * x1) = x_lo`` and ``floor(W * x2) = x_hi`` (docs/method.md section 4): the
+    centre of each pixel, which survives rounding to 4 decimals.
+
+    >>> normalised_box((0, 10, 27, 55), 112)
+    '[0.0045,0.0938,0.2455,0.4955]'
+    """
+    return "[" + ",".join(f"{(v + 0.5) / size:.4f}" for v in box_pixels) + "]"
+
+
 def make_example(seed: int, index: int, config: SyntheticConfig = SyntheticConfig()) -> dict:
     """One example, a pure function of ``(seed, index)``.
 
@@ -133,11 +145,7 @@ def make_example(seed: int, index: int, config: SyntheticConfig = SyntheticConfi
         problem, solution = f"What color is the {shape}?", color
     else:
         problem, solution = f"What shape is the {color} object?", shape
-    x_lo, y_lo, x_hi, y_hi = boxes[target]
-    # Normalised so that floor(W * x1) = x_lo and floor(W * x2) = x_hi (docs/method.md section 4): the
-    # centre of each pixel, which survives rounding to 4 decimals.
-    bbox = "[" + ",".join(f"{(v + 0.5) / size:.4f}" for v in (x_lo, y_lo, x_hi, y_hi)) + "]"
-    return {"image": image, "problem": problem, "solution": solution, "bbox": bbox,
+    return {"image": image, "problem": problem, "solution": solution, "bbox": normalised_box(boxes[target], size),
             "box_pixels": boxes[target], "target": (color, shape, shade), "target_index": target,
             "objects": list(zip(colors, shapes, shades, boxes)), "questions": config.questions}
 
