@@ -98,10 +98,16 @@ def run_seed(base, seed: int, out: Path, *, lever_only: bool, faithfulness: int)
 
     if base.model is None:  # the tiny model: a cold start of this seed
         cold = out / "cold-start"
+        recipe = {field.name: getattr(base, field.name) for field in dataclasses.fields(base)
+                  if field.name.startswith(("cold_start_", "tiny_", "synthetic_", "num_objects", "image_size"))}
+        if result.get("cold_start_recipe", recipe) != recipe:
+            raise SystemExit(f"{out}: its cold start was made with {result['cold_start_recipe']}, this run asks for "
+                             f"{recipe}; give another --out")
         if not (cold / "config.json").exists():
             began = time.time()
             export_cold_start(dataclasses.replace(base, seed=seed), cold)
             keep("cold_start_seconds", round(time.time() - began, 1))
+            keep("cold_start_recipe", recipe)
     else:  # a user's checkpoint brings its own cold start
         cold = Path(base.model)
     cold_cfg = dataclasses.replace(base, model=str(cold), cold_start_steps=0, seed=seed, progress=False)

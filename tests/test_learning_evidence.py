@@ -67,3 +67,5 @@ def test_two_seeds_end_to_end_and_a_rerun_resumes(learning, tmp_path, monkeypatc
     monkeypatch.setattr("saliency_r1.grpo.loop.train", no_training)
     learning.main(args)  # every stage is kept: nothing reruns, the same results come back
     assert json.loads((tmp_path / "runs" / "results.json").read_text()) == results
+    with pytest.raises(SystemExit, match="its cold start was made with"):  # another recipe: not mixed in
+        learning.main(args + ["--cold-start-grounding", "0"])

@@ -120,6 +120,9 @@ class TrainConfig:
     cold_start_size: int = _f(512, "Cold start: worked examples, the first N training images (their reasoning "
                                    "names one object per image, drawn once).")
     cold_start_batch: int = _f(16, "Cold start: worked examples per step (the set is cycled in order).")
+    cold_start_grounding: float = _f(1.0, "Cold start: weight of the grounding term, which draws the attention of the "
+                                          "reasoning's object-naming row to that object's box, as a real VLM's "
+                                          "grounded pre-training does (0: off; see docs/method.md).")
 
     # ---------------------------------------------------------------- bookkeeping
     seed: int = _f(0, "Seed of model initialisation (tiny), data order and sampling.")
@@ -173,7 +176,7 @@ class TrainConfig:
         if self.top_p > 1:
             raise ConfigError(f"{_flag('top_p')} must lie in (0, 1], got {self.top_p}")
         non_negative = ("eps_low", "eps_high", "beta", "max_grad_norm", "weight_decay", "lora_dropout",
-                        "format_weight", "accuracy_weight", "saliency_weight")
+                        "format_weight", "accuracy_weight", "saliency_weight", "cold_start_grounding")
         for name in non_negative:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
