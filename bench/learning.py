@@ -3,8 +3,9 @@
 Per seed: a cold start of the tiny model with that seed (or a given checkpoint), its lever, then GRPO
 from it twice with the same seed, steps and data: the demo's rewards with the saliency reward on
 (``saliency_weight`` as configured) and off (``saliency_weight = 0``). Then both final policies are
-scored on the same held-out images (paired per image), and, with ``--faithfulness N``, their maps'
-deletion and insertion curves are drawn on the first N of them (``saliency-r1 evaluate --faithfulness``).
+scored on the same held-out images (paired per image; ``--paired-limit`` of them), and, with
+``--faithfulness N``, their maps' deletion and insertion curves are drawn on the first N of them
+(``saliency-r1 evaluate --faithfulness``).
 
 The lever is what the reward can pull: the held-out saliency-in-box of the cold start's own sampled
 completions whose reasoning names the target, against those naming another object of the image. A
@@ -16,9 +17,9 @@ on - off difference; across seeds: the mean on - off with its 95% t-interval and
 leads in), writes ``results.json`` and draws the held-out curves and the gain against the lever.
 Each finished stage is kept under ``--out``; a rerun with the same arguments resumes.
 
-    python bench/learning.py --seeds 21 22 23 24 25 26 27 28 --prompts-per-step 16 --num-generations 8 \\
+    python bench/learning.py --seeds 31 32 33 34 35 36 37 38 --prompts-per-step 16 --num-generations 8 \\
         --learning-rate 3e-4 --train-size 8192 --steps 400 --saliency-weight 10 \\
-        --eval-limit 512 --eval-size 512 --eval-every 100 --faithfulness 64
+        --eval-limit 512 --eval-size 512 --eval-every 100 --faithfulness 64 --paired-limit 1536
                                                    # the evidence configuration (bench/RESULTS.md)
     python bench/learning.py --seeds 0 --steps 40  # one quick pair, the demo configuration
     python bench/learning.py --seeds 11 12 --lever-only
@@ -56,6 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--faithfulness", type=int, default=0, metavar="N",
                         help="Deletion/insertion curves of both final policies' maps on the first N held-out "
                              "images (0: not measured).")
+    parser.add_argument("--paired-limit", type=int, default=0, metavar="N",
+                        help="Held-out images on which both final policies are scored, paired (0: --eval-limit). "
+                             "Changing it rescores kept runs without training them again.")
     args = parser.parse_args(argv)
     base = config_from_args(args)
     if base.saliency_weight == 0:
@@ -63,6 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     if base.data is not None and (base.model is None or base.eval_data is None):
         raise SystemExit("--data needs --model (the tiny cold start writes reasoning for the synthetic set "
                          "only) and --eval-data (the comparison is on held-out data)")
+    if args.paired_limit < 0:
+        raise SystemExit(f"--paired-limit must be >= 0, got {args.paired_limit}")
     if base.data is not None and args.lever_only:
         raise SystemExit("--lever-only needs the synthetic set (leave --data unset)")
     out = Path(args.out)
@@ -72,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     results = {}
     for seed in args.seeds:
         results[seed] = run_seed(base, seed, out / f"seed-{seed}", lever_only=args.lever_only,
-                                 faithfulness=args.faithfulness)
+                                 faithfulness=args.faithfulness, paired_limit=args.paired_limit or base.eval_limit)
     (out / "results.json").write_text(json.dumps({str(k): v for k, v in results.items()}, indent=1))
     print_levers(results)
     if not args.lever_only:
@@ -82,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"total {time.time() - started:.0f} s; results {out / 'results.json'}")
 
 
-def run_seed(base, seed: int, out: Path, *, lever_only: bool, faithfulness: int) -> dict:
+def run_seed(base, seed: int, out: Path, *, lever_only: bool, faithfulness: int, paired_limit: int) -> dict:
     """Cold start, lever, the on/off pair, the paired held-out scores and the faithfulness of one seed;
     each stage's result is kept in ``out`` and reused by a rerun."""
     from saliency_r1.grpo.cold_start import export_cold_start
@@ -130,8 +136,12 @@ def run_seed(base, seed: int, out: Path, *, lever_only: bool, faithfulness: int)
         print(f"seed {seed} saliency {name}: {result[name]['seconds']:.0f} s, held-out SIB/PG "
               + " -> ".join(f"{m['saliency_in_box']:.3f}/{m['pointing_game']:.3f}"
                             for m in run.evaluations.values()), flush=True)
-    if "paired" not in result:
-        keep("paired", paired_held_out(cold_cfg, result["on"]["checkpoint"], result["off"]["checkpoint"]))
+    if "paired" not in result or result.get("paired_limit", base.eval_limit) != paired_limit:
+        # The synthetic held-out set grows to the limit; its first images stay the same (pure in the index).
+        scoring = dataclasses.replace(cold_cfg, eval_limit=paired_limit, eval_size=(
+            cold_cfg.eval_size if cold_cfg.eval_data else max(cold_cfg.eval_size, paired_limit)))
+        keep("paired", paired_held_out(scoring, result["on"]["checkpoint"], result["off"]["checkpoint"]))
+        keep("paired_limit", paired_limit)
     if faithfulness and "faithfulness" not in result:
         keep("faithfulness", faithfulness_of(result["on"]["checkpoint"], result["off"]["checkpoint"],
                                              out / "faithfulness", faithfulness))
@@ -381,7 +391,9 @@ def print_levers(results: dict) -> None:
 def print_table(results: dict, cfg) -> None:
     data = f"{cfg.num_objects}-object synthetic set" if cfg.data is None else cfg.data
     print(f"\n{cfg.model or 'tiny model'} on {data}, {cfg.steps} GRPO steps of {cfg.prompts_per_step} x "
-          f"{cfg.num_generations}, {cfg.eval_limit} held-out, saliency weight {cfg.saliency_weight}")
+          f"{cfg.num_generations}, saliency weight {cfg.saliency_weight}; start, on and off: the runs' own evaluations "
+          f"({cfg.eval_limit} held-out); on - off: both final policies on the same "
+          f"{next(iter(results.values()))['paired']['saliency_in_box']['n']} held-out")
     print("| seed | lever | start SIB / PG / acc | reward on | reward off | on - off SIB [95% paired interval] |")
     print("|---|---|---|---|---|---|")
     cell = lambda m: " / ".join(f"{m[k]:.3f}" for k in METRICS)  # noqa: E731
@@ -396,10 +408,11 @@ def print_table(results: dict, cfg) -> None:
     for metric in METRICS:
         gains = [r["paired"][metric]["mean"] for r in results.values()]
         mean, low, high = t_interval(gains)
-        clear = sum(r["paired"][metric]["low"] > 0 for r in results.values())
+        above = sum(r["paired"][metric]["low"] > 0 for r in results.values())
+        below = sum(r["paired"][metric]["high"] < 0 for r in results.values())
         print(f"{metric}, reward on - off over {len(gains)} seeds: {mean:+.3f} [95% t-interval {low:+.3f}, "
               f"{high:+.3f}]; on ahead in {sum(g > 0 for g in gains)} of {len(gains)} seeds, "
-              f"its paired interval clear of 0 in {clear}")
+              f"its paired interval above 0 in {above} and below 0 in {below}")
     faithful = {seed: r["faithfulness"] for seed, r in results.items() if "faithfulness" in r}
     if faithful:
         print("\n| seed | run | cot deletion AUC | cot insertion AUC | deletion - random | insertion - random "

@@ -67,5 +67,9 @@ def test_two_seeds_end_to_end_and_a_rerun_resumes(learning, tmp_path, monkeypatc
     monkeypatch.setattr("saliency_r1.grpo.loop.train", no_training)
     learning.main(args)  # every stage is kept: nothing reruns, the same results come back
     assert json.loads((tmp_path / "runs" / "results.json").read_text()) == results
+    learning.main(args + ["--paired-limit", "3"])  # a new paired size rescores the kept policies, trains nothing
+    rescored = json.loads((tmp_path / "runs" / "results.json").read_text())
+    assert all(rescored[seed]["paired"]["accuracy"]["n"] == 3 and rescored[seed]["on"] == results[seed]["on"]
+               for seed in results)
     with pytest.raises(SystemExit, match="its cold start was made with"):  # another recipe: not mixed in
         learning.main(args + ["--cold-start-grounding", "0"])
