@@ -125,6 +125,9 @@ def run_seed(base, seed: int, out: Path, *, lever_only: bool, faithfulness: int,
 
     for name, weight in (("on", base.saliency_weight), ("off", 0.0)):
         if name in result:
+            if result[name].get("saliency_weight", weight) != weight:
+                raise SystemExit(f"{out}: its '{name}' run was trained at saliency weight "
+                                 f"{result[name]['saliency_weight']}, this run asks for {weight}; give another --out")
             continue
         # A run killed part-way resumes from its last checkpoint (resume is exact on the CPU).
         cfg = dataclasses.replace(cold_cfg, saliency_weight=weight, output_dir=str(out / f"saliency-{name}"),
@@ -132,7 +135,7 @@ def run_seed(base, seed: int, out: Path, *, lever_only: bool, faithfulness: int,
         began = time.time()
         run = train(cfg)
         keep(name, {"seconds": round(time.time() - began, 1), "checkpoint": str(run.checkpoint),
-                    "evaluations": {str(k): v for k, v in run.evaluations.items()}})
+                    "saliency_weight": weight, "evaluations": {str(k): v for k, v in run.evaluations.items()}})
         print(f"seed {seed} saliency {name}: {result[name]['seconds']:.0f} s, held-out SIB/PG "
               + " -> ".join(f"{m['saliency_in_box']:.3f}/{m['pointing_game']:.3f}"
                             for m in run.evaluations.values()), flush=True)

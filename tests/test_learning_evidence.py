@@ -73,3 +73,5 @@ def test_two_seeds_end_to_end_and_a_rerun_resumes(learning, tmp_path, monkeypatc
                for seed in results)
     with pytest.raises(SystemExit, match="its cold start was made with"):  # another recipe: not mixed in
         learning.main(args + ["--cold-start-grounding", "0"])
+    with pytest.raises(SystemExit, match="trained at saliency weight 10"):  # nor a run of another weight
+        learning.main(args + ["--saliency-weight", "3"])

@@ -137,7 +137,8 @@ def cold_start(model, processor, data, cfg, device) -> list[float]:
             if tokenizer.decode(completion[NAMING_TOKEN]).strip() != colour:
                 raise ValueError(f"cold_start_grounding: expected the colour {colour!r} as completion token "
                                  f"{NAMING_TOKEN}, right after <think>, got {tokenizer.decode(completion[:3])!r}")
-        coverage = [c.to(device) for c in named_coverage(examples, named, adapter.image_grids(prompts["image_grid_thw"]))]
+        grids = adapter.image_grids(prompts["image_grid_thw"])
+        coverage = [c.to(device) for c in named_coverage(examples, named, grids)]
         image_positions = [p.to(device) for p in adapter.image_positions(prompts["input_ids"])]
     batches = [list(range(i, min(i + cfg.cold_start_batch, len(examples))))
                for i in range(0, len(examples), cfg.cold_start_batch)]

@@ -56,7 +56,7 @@ class TrainConfig:
     system_prompt: str | None = _f(None, "System prompt. Unset: reason in <think></think>, answer in <answer></answer>.")
     tiny_layers: int = _f(2, "Tiny model: number of language layers.")
     tiny_hidden: int = _f(64, "Tiny model: hidden size.")
-    tiny_heads: int = _f(1, "Tiny model: attention (query) heads per language layer. One head makes the reasoning "
+    tiny_heads: int = _f(1, "Tiny model: attention (query) heads per language layer. With one head, the reasoning "
                             "row that reads an object and the answer row that reads the reasoning share their "
                             "head, which the cot map needs (bench/RESULTS.md, 'the lever').")
     tiny_kv_heads: int = _f(1, "Tiny model: key-value heads per language layer (divides tiny_heads).")
@@ -120,9 +120,10 @@ class TrainConfig:
     cold_start_size: int = _f(512, "Cold start: worked examples, the first N training images (their reasoning "
                                    "names one object per image, drawn once).")
     cold_start_batch: int = _f(16, "Cold start: worked examples per step (the set is cycled in order).")
-    cold_start_grounding: float = _f(1.0, "Cold start: weight of the grounding term, which draws the attention of the "
-                                          "reasoning's object-naming row to that object's box, as a real VLM's "
-                                          "grounded pre-training does (0: off; see docs/method.md).")
+    cold_start_grounding: float = _f(1.0, "Tiny model only, cold start: weight of the grounding term, which draws "
+                                          "the attention of the reasoning's object-naming row to that object's box, "
+                                          "standing in for a real VLM's grounded pre-training (0: off; "
+                                          "docs/method.md section 6).")
 
     # ---------------------------------------------------------------- bookkeeping
     seed: int = _f(0, "Seed of model initialisation (tiny), data order and sampling.")
