@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -182,19 +183,20 @@ def test_the_model_answers_with_the_answer_span_in_request_order(lmms_eval, hub_
     docs = {"plain": [records[i] for i in range(3)],
             "cut": [{k: v for k, v in records[i].items() if k != "bbox"} for i in range(3)]}
     model.task_dict = {task: {"test": task_docs} for task, task_docs in docs.items()}
-    # Two tasks interleaved; "cut" stops at "r": the answer span is cut, not the completion (whose
-    # reasoning may hold an "r" too, and would then lose its answer).
+    # Two tasks interleaved; "cut" stops at "r" or "i" (one of them is in "dark", the other in "light"):
+    # the answer span is cut, not the completion (whose reasoning holds them too, and would lose its answer).
     order = [("plain", 0), ("cut", 0), ("plain", 1), ("cut", 1), ("plain", 2), ("cut", 2)]
-    responses = model.generate_until(_requests(docs, order, {"plain": {"until": ["\n\n"]}, "cut": {"until": ["r"]}}))
+    responses = model.generate_until(_requests(docs, order, {"plain": {"until": ["\n\n"]},
+                                                             "cut": {"until": ["r", "i"]}}))
     by_doc = {(s["task"], s["doc_id"]): s for s in model.samples}
     assert len(model.samples) == len(order)
     for (task, doc_id), response in zip(order, responses):
         sample = by_doc[task, doc_id]
         answer = answer_text(sample["completion"])
         assert answer, sample["completion"]  # the cold-started model's completions are well formed
-        assert response == sample["response"] == (answer if task == "plain" else answer.split("r")[0].strip())
+        assert response == sample["response"] == (answer if task == "plain" else re.split("r|i", answer)[0].strip())
         assert ("saliency_in_box" in sample) == (task == "plain")  # only documents with boxes
-    assert any("r" in answer_text(s["completion"]) for s in model.samples)  # the cut did cut something
+    assert any(set("ri") & set(answer_text(s["completion"])) for s in model.samples)  # the cut did cut something
 
     # Two images, or none, in a prompt: answered (no saliency in the box: it is measured on one image).
     answers = model.generate_until(_requests(docs, [("plain", 0), ("plain", 1)], {"plain": {}},
