@@ -114,9 +114,9 @@ def cold_start(model, processor, data, cfg, device) -> list[float]:
     The set (:func:`cold_start_set`) is cycled in order, ``cold_start_batch`` examples a step.
 
     With ``cfg.cold_start_grounding`` > 0 the loss adds that weight times :func:`grounding_loss`: the
-    row that names an object learns to look at it, in every layer and head. A pre-trained VLM brings
-    that grounding; without it the tiny model's reasoning may read the image as a bag of features and
-    the saliency reward has nothing to pull (docs/method.md, section 6).
+    row that names an object learns to look at it, in every layer and head, standing in for the grounding
+    a pre-trained VLM is expected to bring; without it the tiny model's reasoning may read the image as a
+    bag of features and the saliency reward has nothing to pull (docs/method.md, section 6).
 
     Returns:
         the loss of every step (the grounding term included).
